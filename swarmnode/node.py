@@ -1,0 +1,406 @@
+"""The swarm node: one asyncio task group owning every long-lived task of one participant.
+
+The node glues together components it is handed (p2p host, learner, optional DiLoCo outer optimizer,
+wire codec); it does no tensor maths of its own. Heavy torch work runs in ``asyncio.to_thread`` so
+gossip keeps flowing while the node computes. Every wait on the network is bounded by a deadline and
+added to ``blocked_on_network_s`` so the cost of collaboration is visible in the metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+log = logging.getLogger(__name__)
+
+STATE_PROTOCOL = "/swarmnode/state/1.0.0"
+
+
+@dataclass(kw_only=True, slots=True)
+class NodeSettings:
+    """What the node loop needs to know; the daemon maps ``NodeConfig`` onto this."""
+
+    swarm: str = "default"
+    steps: int = 0  # 0: run until stopped
+    duration_s: float = 0.0  # 0: no wall-clock limit
+    eval_every: int = 5
+    share_rollouts: bool = True
+    merge_every: int = 0  # H inner steps per DiLoCo round; 0 disables merges
+    collect_seconds: float = 5.0  # how long a round waits for peers' pseudo-gradients at most
+    presence_interval_s: float = 2.0
+    peer_timeout_s: float = 15.0  # a peer not heard from for this long is no longer expected
+    max_blob_bytes: int = 256 * 1024 * 1024
+    metrics_path: Path | None = None
+
+    def __post_init__(self) -> None:
+        if not self.swarm or "/" in self.swarm:
+            raise ValueError(f"swarm must be a non-empty name without '/', got {self.swarm!r}")
+        for name in ("steps", "eval_every", "merge_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("duration_s", "collect_seconds", "presence_interval_s", "peer_timeout_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.eval_every == 0:
+            raise ValueError("eval_every must be >= 1")
+
+
+class Host(Protocol):
+    """The part of ``swarmnode.p2p.Host`` the node uses."""
+
+    peer_id: Any
+
+    async def publish(self, topic: str, data: bytes) -> None: ...
+    def subscribe(self, topic: str, validator: Any = None) -> AsyncIterator[Any]: ...
+    def set_request_handler(
+        self, protocol_id: str, handler: Callable[[Any, bytes], Awaitable[bytes]]
+    ) -> None: ...
+    async def request(self, peer_id: Any, protocol_id: str, data: bytes) -> bytes: ...
+    def provide_blob(self, data: bytes) -> str: ...
+    def remove_blob(self, content_hash: str) -> None: ...
+    async def fetch(self, content_hash: str, providers: list[Any], max_size: int) -> bytes: ...
+    def connected_peers(self) -> list[Any]: ...
+
+
+class Learner(Protocol):
+    """Local RL: the trainer plus the policy weights it updates (adapters live in ``daemon``)."""
+
+    fingerprint: str
+
+    def collect_local(self, step: int) -> list[Any]: ...
+    def train_step(self, local: list[Any], external: list[Any]) -> dict[str, float]: ...
+    def evaluate(self) -> float: ...
+    def add_external(self, groups: list[Any], step: int) -> None: ...
+    def sample_external(self, step: int) -> list[Any]: ...
+
+
+class Merger(Protocol):
+    """DiLoCo outer optimiser plus weight push; see ``swarmnode.optim.diloco``."""
+
+    def pseudo_gradient(self) -> dict[str, Any]: ...
+    def outer_step(self, avg_delta: dict[str, Any]) -> None: ...
+    def anchor_hash(self) -> str: ...
+
+
+class Wire(Protocol):
+    """Record construction + codec; ``gossip.ProtocolWire`` is the real one."""
+
+    def presence(self, **fields: Any) -> Any: ...
+    def rollout_batch(self, *, author: str, cohort: str, step: int, groups: list[Any]) -> Any: ...
+    def round_manifest(self, **fields: Any) -> Any: ...
+    def encode(self, record: Any) -> bytes: ...
+    def decode(self, data: bytes) -> Any: ...
+    def kind(self, record: Any) -> str: ...
+    def encode_delta(self, delta: dict[str, Any]) -> bytes: ...
+    def decode_delta(self, data: bytes, max_bytes: int) -> dict[str, Any]: ...
+    def groups_of(self, batch: Any, local_fingerprint: str) -> tuple[list[Any], int]: ...
+
+
+@dataclass(slots=True)
+class _Round:
+    manifests: dict[str, Any] = field(default_factory=dict)  # author -> manifest
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@dataclass(slots=True)
+class NodeStats:
+    step: int = 0
+    round: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    blocked_on_network_s: float = 0.0
+    external_groups: int = 0
+    rejected_groups: int = 0
+    merges: int = 0
+    merge_contributors: int = 0
+    last_reward: float = float("nan")
+    last_eval: float = float("nan")
+    dropped_messages: int = 0
+
+
+class Node:
+    """One swarm participant. ``await node.run()`` returns when the step/time budget is spent or
+    ``stop()`` is called; cancelling the task group is the shutdown."""
+
+    def __init__(
+        self,
+        *,
+        settings: NodeSettings,
+        host: Host,
+        learner: Learner,
+        wire: Wire,
+        merger: Merger | None = None,
+        aggregate: Callable[[list[tuple[dict[str, Any], float]]], dict[str, Any]] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        on_step: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.host = host
+        self.learner = learner
+        self.wire = wire
+        self.merger = merger
+        self.clock = clock
+        self.aggregate = aggregate
+        self.on_step = on_step
+        self.stats = NodeStats()
+        self.me = str(host.peer_id)
+        self.cohort = learner.fingerprint
+        self._peers: dict[str, tuple[float, Any]] = {}  # peer id -> (last heard, presence)
+        self._cohort_members: dict[str, float] = {}  # peer id -> last heard on the cohort topic
+        self._rounds: dict[int, _Round] = {}
+        self._stop = asyncio.Event()
+        self._served_blob = ""
+        self._metrics_file: Any = None
+        swarm = settings.swarm
+        self.topic_presence = f"/swarmnode/{swarm}/presence/1"
+        self.topic_rollouts = f"/swarmnode/{swarm}/rollouts/1"
+        # The cohort topic carries the model fingerprint: different models share rollouts, never merge.
+        self.topic_rounds = f"/swarmnode/{swarm}/rounds/1/{self.cohort}"
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> NodeStats:
+        if self.settings.metrics_path is not None:
+            self.settings.metrics_path.parent.mkdir(parents=True, exist_ok=True)
+            self._metrics_file = self.settings.metrics_path.open("a", encoding="utf-8")
+        try:
+            async with asyncio.TaskGroup() as tg:
+                background = [
+                    tg.create_task(self._presence_loop()),
+                    tg.create_task(self._receive_loop(self.topic_presence)),
+                    tg.create_task(self._receive_loop(self.topic_rollouts)),
+                    tg.create_task(self._receive_loop(self.topic_rounds)),
+                ]
+                await self._train_loop()
+                for task in background:
+                    task.cancel()
+        finally:
+            if self._metrics_file is not None:
+                self._metrics_file.close()
+        return self.stats
+
+    def live_peers(self) -> list[str]:
+        now = self.clock()
+        return [p for p, (t, _) in self._peers.items() if now - t <= self.settings.peer_timeout_s]
+
+    def cohort_peers(self) -> list[str]:
+        now = self.clock()
+        timeout = self.settings.peer_timeout_s
+        members = {p for p, t in self._cohort_members.items() if now - t <= timeout}
+        for p, (t, presence) in self._peers.items():
+            if now - t <= timeout and getattr(presence, "cohort", None) == self.cohort:
+                members.add(p)
+        return sorted(members)
+
+    # -- background tasks ------------------------------------------------------------------------
+
+    async def _publish(self, topic: str, record: Any) -> None:
+        data = self.wire.encode(record)
+        await self.host.publish(topic, data)
+        self.stats.bytes_sent += len(data)
+
+    async def _presence_loop(self) -> None:
+        while True:
+            anchor = self.merger.anchor_hash() if self.merger is not None else ""
+            record = self.wire.presence(
+                peer_id=self.me,
+                cohort=self.cohort,
+                step=self.stats.step,
+                round=self.stats.round,
+                anchor_hash=anchor,
+            )
+            try:
+                await self._publish(self.topic_presence, record)
+            except Exception as exc:  # a failed heartbeat is retried on the next tick
+                log.warning("presence publish failed: %s", exc)
+            await asyncio.sleep(self.settings.presence_interval_s)
+
+    async def _receive_loop(self, topic: str) -> None:
+        async for message in self.host.subscribe(topic):
+            origin = str(message.origin)
+            if origin == self.me:  # own messages come back on our own subscription
+                continue
+            self.stats.bytes_received += len(message.data)
+            try:
+                record = self.wire.decode(message.data)
+                self._handle(origin, record)
+            except ValueError as exc:  # ProtocolError is a ValueError: bad bytes from a peer
+                self.stats.dropped_messages += 1
+                log.info("dropped message from %s on %s: %s", origin, topic, exc)
+
+    def _handle(self, origin: str, record: Any) -> None:
+        kind = self.wire.kind(record)
+        now = self.clock()
+        if kind == "presence":
+            self._peers[origin] = (now, record)
+        elif kind == "rollouts":
+            if not self.settings.share_rollouts:
+                return
+            groups, rejected = self.wire.groups_of(record, self.cohort)
+            self.stats.rejected_groups += rejected
+            if groups:
+                self.learner.add_external(groups, self.stats.step)
+                self.stats.external_groups += len(groups)
+        elif kind == "manifest":
+            if getattr(record, "cohort", self.cohort) != self.cohort or str(record.author) != origin:
+                self.stats.dropped_messages += 1
+                return
+            self._cohort_members[origin] = now
+            rnd = int(record.round)
+            if rnd < self.stats.round:  # too late: that round is merged already
+                return
+            state = self._rounds.setdefault(rnd, _Round())
+            state.manifests[origin] = record
+            state.arrived.set()
+
+    # -- the training loop -----------------------------------------------------------------------
+
+    async def _train_loop(self) -> None:
+        s = self.settings
+        start = self.clock()
+        step = self.stats.step
+        while not self._stop.is_set():
+            if s.steps and step >= s.steps:
+                break
+            if s.duration_s and self.clock() - start >= s.duration_s:
+                break
+            t0 = self.clock()
+            local = await asyncio.to_thread(self.learner.collect_local, step)
+            if s.share_rollouts and local:
+                batch = self.wire.rollout_batch(author=self.me, cohort=self.cohort, step=step, groups=local)
+                await self._publish(self.topic_rollouts, batch)
+            external = self.learner.sample_external(step) if s.share_rollouts else []
+            metrics = await asyncio.to_thread(self.learner.train_step, local, external)
+            step += 1
+            self.stats.step = step
+            self.stats.last_reward = float(metrics.get("reward", float("nan")))
+            if s.merge_every and self.merger is not None and step % s.merge_every == 0:
+                await self._merge(step // s.merge_every)
+            if step % s.eval_every == 0 or (s.steps and step == s.steps):
+                self.stats.last_eval = await asyncio.to_thread(self.learner.evaluate)
+            self._record(metrics, step_seconds=self.clock() - t0, elapsed=self.clock() - start)
+
+    def _record(self, metrics: dict[str, float], *, step_seconds: float, elapsed: float) -> None:
+        st = self.stats
+        row: dict[str, Any] = {
+            "step": st.step,
+            "time": time.time(),
+            "elapsed_s": round(elapsed, 3),
+            "step_s": round(step_seconds, 3),
+            "reward": st.last_reward,
+            "eval_acc": st.last_eval,
+            "bytes_sent": st.bytes_sent,
+            "bytes_received": st.bytes_received,
+            "blocked_on_network_s": round(st.blocked_on_network_s, 4),
+            "round": st.round,
+            "anchor_hash": self.merger.anchor_hash() if self.merger is not None else "",
+            "peers": len(self.live_peers()),
+            "external_groups": st.external_groups,
+            "rejected_groups": st.rejected_groups,
+            "merges": st.merges,
+        }
+        for key, value in metrics.items():
+            row.setdefault(f"train/{key}", value)
+        if self._metrics_file is not None:
+            # NaN is not JSON; null keeps the file parseable by strict readers.
+            clean = {k: (None if isinstance(v, float) and v != v else v) for k, v in row.items()}
+            self._metrics_file.write(json.dumps(clean) + "\n")
+            self._metrics_file.flush()
+        if self.on_step is not None:
+            self.on_step(row)
+
+    # -- DiLoCo round ----------------------------------------------------------------------------
+
+    async def _merge(self, rnd: int) -> None:
+        """Publish our pseudo-gradient, gather peers' until everyone expected arrived or the
+        collection deadline passes, then take the outer step on the robust mean."""
+        assert self.merger is not None
+        delta = await asyncio.to_thread(self.merger.pseudo_gradient)
+        blob = await asyncio.to_thread(self.wire.encode_delta, delta)
+        content_hash = self.host.provide_blob(blob)
+        weight = float(getattr(self.learner, "samples_since_merge", 1.0) or 1.0)
+        manifest = self.wire.round_manifest(
+            round=rnd,
+            author=self.me,
+            cohort=self.cohort,
+            weight=weight,
+            content_hash=content_hash,
+            size=len(blob),
+            codec="int8",
+            anchor_hash=self.merger.anchor_hash(),
+        )
+        await self._publish(self.topic_rounds, manifest)
+        t0 = self.clock()
+        deadline = t0 + self.settings.collect_seconds
+        state = self._rounds.setdefault(rnd, _Round())
+        # Wait for every live cohort peer's manifest, never past the deadline.
+        while True:
+            expected = set(self.cohort_peers())
+            if expected <= set(state.manifests):
+                break
+            remaining = deadline - self.clock()
+            if remaining <= 0:
+                break
+            state.arrived.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(state.arrived.wait(), timeout=min(remaining, 0.25))
+        own = await asyncio.to_thread(self.wire.decode_delta, blob, self.settings.max_blob_bytes)
+        contributions: dict[str, tuple[dict[str, Any], float]] = {self.me: (own, weight)}
+        fetched = await self._fetch_all(list(state.manifests.values()), deadline)
+        contributions.update(fetched)
+        self.stats.blocked_on_network_s += self.clock() - t0
+        # Sorted by author so every node sums in the same order and lands on the same anchor bits.
+        ordered = [contributions[a] for a in sorted(contributions)]
+        await asyncio.to_thread(self._outer_step, ordered)
+        self.stats.round = rnd
+        self.stats.merges += 1
+        self.stats.merge_contributors = len(ordered)
+        # Serve our blob until the next round: slower peers may still be fetching it.
+        if self._served_blob:
+            self.host.remove_blob(self._served_blob)
+        self._served_blob = content_hash
+        for old in [r for r in self._rounds if r <= rnd]:
+            del self._rounds[old]
+
+    async def _fetch_all(
+        self, manifests: Iterable[Any], deadline: float
+    ) -> dict[str, tuple[dict[str, Any], float]]:
+        async def one(m: Any) -> tuple[str, tuple[dict[str, Any], float]] | None:
+            limit = min(int(m.size), self.settings.max_blob_bytes)
+            data = await self.host.fetch(m.content_hash, [m.author], max_size=limit)
+            self.stats.bytes_received += len(data)
+            delta = await asyncio.to_thread(self.wire.decode_delta, data, self.settings.max_blob_bytes)
+            return str(m.author), (delta, float(m.weight))
+
+        tasks = [asyncio.create_task(one(m)) for m in manifests]
+        if not tasks:
+            return {}
+        done, pending = await asyncio.wait(tasks, timeout=max(0.0, deadline - self.clock()))
+        for task in pending:  # a slow or dead peer is left out of this round
+            task.cancel()
+        out: dict[str, tuple[dict[str, Any], float]] = {}
+        for task in done:
+            if task.exception() is not None:
+                log.info("pseudo-gradient fetch failed: %s", task.exception())
+                continue
+            result = task.result()
+            if result is not None:
+                out[result[0]] = result[1]
+        return out
+
+    def _outer_step(self, contributions: list[tuple[dict[str, Any], float]]) -> None:
+        assert self.merger is not None
+        aggregate = self.aggregate
+        if aggregate is None:
+            from swarmnode.aggregate import robust_mean as aggregate
+        self.merger.outer_step(aggregate(contributions))

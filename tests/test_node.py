@@ -1,0 +1,276 @@
+"""Node loop tests with in-process fakes: an in-memory gossip bus instead of libp2p, a learner whose
+"weights" are one float, and a merger that does DiLoCo on that float. Real processes are in
+test_localswarm.py."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import struct
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from swarmnode.node import Node, NodeSettings
+
+
+@dataclass
+class Msg:
+    topic: str
+    origin: str
+    data: bytes
+
+
+class Bus:
+    """In-memory gossip: every subscriber of a topic gets every message, including its own."""
+
+    def __init__(self) -> None:
+        self.queues: dict[str, list[asyncio.Queue[Msg]]] = {}
+        self.blobs: dict[str, dict[str, bytes]] = {}  # peer -> hash -> data
+        self.dead: set[str] = set()
+
+
+class FakeHost:
+    def __init__(self, bus: Bus, peer_id: str) -> None:
+        self.bus = bus
+        self.peer_id = peer_id
+        bus.blobs[peer_id] = {}
+
+    async def publish(self, topic: str, data: bytes) -> None:
+        for q in self.bus.queues.get(topic, []):
+            q.put_nowait(Msg(topic, self.peer_id, data))
+
+    async def subscribe(self, topic: str, validator: Any = None) -> AsyncIterator[Msg]:
+        q: asyncio.Queue[Msg] = asyncio.Queue()
+        self.bus.queues.setdefault(topic, []).append(q)
+        while True:
+            yield await q.get()
+
+    def provide_blob(self, data: bytes) -> str:
+        h = hashlib.sha256(data).hexdigest()
+        self.bus.blobs[self.peer_id][h] = data
+        return h
+
+    def remove_blob(self, content_hash: str) -> None:
+        self.bus.blobs[self.peer_id].pop(content_hash, None)
+
+    async def fetch(self, content_hash: str, providers: list[Any], max_size: int) -> bytes:
+        for p in providers:
+            if p in self.bus.dead:
+                await asyncio.sleep(3600)  # a dead peer never answers
+            data = self.bus.blobs[p].get(content_hash)
+            if data is not None:
+                return data
+        raise LookupError(content_hash)
+
+    def connected_peers(self) -> list[str]:
+        return [p for p in self.bus.blobs if p != self.peer_id]
+
+    def set_request_handler(self, protocol_id: str, handler: Any) -> None:
+        pass
+
+    async def request(self, peer_id: Any, protocol_id: str, data: bytes) -> bytes:
+        raise NotImplementedError
+
+
+@dataclass
+class Rec:
+    kind: str
+    fields: dict[str, Any]
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.__dict__["fields"][name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+class JsonWire:
+    """Records are plain JSON objects with a kind tag; deltas are {name: float}."""
+
+    def presence(self, **fields: Any) -> Rec:
+        return Rec("presence", fields)
+
+    def rollout_batch(self, *, author: str, cohort: str, step: int, groups: list[Any]) -> Rec:
+        return Rec("rollouts", {"author": author, "cohort": cohort, "policy_step": step, "groups": groups})
+
+    def round_manifest(self, **fields: Any) -> Rec:
+        return Rec("manifest", fields)
+
+    def encode(self, record: Rec) -> bytes:
+        return json.dumps({"kind": record.kind, **record.fields}).encode()
+
+    def decode(self, data: bytes) -> Rec:
+        try:
+            obj = json.loads(data)
+        except json.JSONDecodeError as exc:
+            raise ValueError(str(exc)) from exc
+        return Rec(obj.pop("kind"), obj)
+
+    def kind(self, record: Rec) -> str:
+        return record.kind
+
+    def encode_delta(self, delta: dict[str, float]) -> bytes:
+        return struct.pack("<d", delta["w"])
+
+    def decode_delta(self, data: bytes, max_bytes: int) -> dict[str, float]:
+        return {"w": struct.unpack("<d", data)[0]}
+
+    def groups_of(self, batch: Rec, local_fingerprint: str) -> tuple[list[Any], int]:
+        good = [g for g in batch.groups if g != "forged"]
+        return good, len(batch.groups) - len(good)
+
+
+@dataclass
+class FakeLearner:
+    """The weight w drifts by a node-specific amount each step, so replicas diverge between merges."""
+
+    drift: float
+    fingerprint: str = "cohort-a"
+    w: float = 0.0
+    external: list[Any] = field(default_factory=list)
+    used_external: int = 0
+
+    def collect_local(self, step: int) -> list[Any]:
+        return [f"g{step}a", f"g{step}b"]
+
+    def train_step(self, local: list[Any], external: list[Any]) -> dict[str, float]:
+        time.sleep(0.03)  # a step takes time, so gossip (presence) flows between steps
+        self.used_external += len(external)
+        self.w += self.drift
+        return {"reward": 0.5}
+
+    def evaluate(self) -> float:
+        return 0.25
+
+    def add_external(self, groups: list[Any], step: int) -> None:
+        self.external.extend(groups)
+
+    def sample_external(self, step: int) -> list[Any]:
+        out, self.external = self.external[:2], self.external[2:]
+        return out
+
+
+@dataclass
+class FakeMerger:
+    learner: FakeLearner
+    anchor: float = 0.0
+
+    def pseudo_gradient(self) -> dict[str, float]:
+        return {"w": self.anchor - self.learner.w}
+
+    def outer_step(self, avg_delta: dict[str, float]) -> None:
+        self.anchor -= avg_delta["w"]  # outer lr 1, no momentum: plain averaging
+        self.learner.w = self.anchor
+
+    def anchor_hash(self) -> str:
+        return hashlib.sha256(struct.pack("<d", self.anchor)).hexdigest()[:16]
+
+
+def mean(contribs: list[tuple[dict[str, float], float]]) -> dict[str, float]:
+    total = sum(w for _, w in contribs)
+    return {"w": sum(d["w"] * w for d, w in contribs) / total}
+
+
+def make_node(bus: Bus, name: str, drift: float, tmp: Path | None = None, **kw: Any) -> Node:
+    learner = FakeLearner(drift=drift)
+    settings = NodeSettings(
+        presence_interval_s=0.02,
+        collect_seconds=kw.pop("collect_seconds", 1.0),
+        metrics_path=(tmp / f"{name}.jsonl") if tmp else None,
+        **kw,
+    )
+    return Node(
+        settings=settings,
+        host=FakeHost(bus, name),
+        learner=learner,
+        wire=JsonWire(),
+        merger=FakeMerger(learner),
+        aggregate=mean,
+    )
+
+
+async def _run_all(nodes: list[Node]) -> None:
+    async with asyncio.TaskGroup() as tg:
+        for n in nodes:
+            tg.create_task(n.run())
+
+
+def test_settings_validate() -> None:
+    with pytest.raises(ValueError, match="merge_every"):
+        NodeSettings(merge_every=-1)
+    with pytest.raises(ValueError, match="swarm"):
+        NodeSettings(swarm="a/b")
+
+
+def test_three_nodes_share_and_merge(tmp_path: Path) -> None:
+    bus = Bus()
+    nodes = [
+        make_node(bus, f"n{i}", drift=0.1 * (i + 1), tmp=tmp_path, steps=6, merge_every=3) for i in range(3)
+    ]
+
+    asyncio.run(_run_all(nodes))
+    for n in nodes:
+        assert n.stats.step == 6
+        assert n.stats.external_groups > 0
+        assert n.learner.used_external > 0  # type: ignore[attr-defined]
+        assert n.stats.merges == 2
+    hashes = {n.merger.anchor_hash() for n in nodes}  # type: ignore[union-attr]
+    assert len(hashes) == 1, "replicas must agree on the anchor after a merge"
+    # After a full-participation merge every replica sits exactly at the mean.
+    ws = [n.learner.w for n in nodes]  # type: ignore[attr-defined]
+    assert max(ws) - min(ws) < 1e-12
+    rows = [json.loads(line) for line in (tmp_path / "n0.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert rows[-1]["bytes_sent"] > 0
+    assert rows[-1]["merges"] == 2
+
+
+def test_dead_peer_does_not_stall_beyond_deadline() -> None:
+    bus = Bus()
+    alive = [
+        make_node(bus, f"n{i}", drift=0.1, steps=3, merge_every=3, collect_seconds=0.5) for i in range(2)
+    ]
+    dead = make_node(bus, "dead", drift=0.1, steps=3, merge_every=3)
+    bus.dead.add("dead")
+
+    # The dead node publishes its manifest but never serves its blob.
+    t0 = asyncio.run(_timed(_run_all([*alive, dead])))
+    assert t0 < 2.5
+    for n in alive:
+        assert n.stats.merges == 1
+        assert n.stats.blocked_on_network_s <= 0.5 + 0.2
+    assert alive[0].merger.anchor_hash() == alive[1].merger.anchor_hash()  # type: ignore[union-attr]
+
+
+async def _timed(coro: Any) -> float:
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    await coro
+    return loop.time() - t0
+
+
+def test_bad_bytes_are_dropped_and_counted() -> None:
+    bus = Bus()
+    node = make_node(bus, "n0", drift=0.1, steps=2)
+    evil = FakeHost(bus, "evil")
+
+    async def go() -> None:
+        async def attack() -> None:
+            await asyncio.sleep(0.01)
+            await evil.publish(node.topic_rollouts, b"\xff not json")
+            batch = JsonWire().rollout_batch(author="evil", cohort="x", step=0, groups=["forged", "ok"])
+            await evil.publish(node.topic_rollouts, JsonWire().encode(batch))
+
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(attack())
+            tg.create_task(node.run())
+
+    asyncio.run(go())
+    assert node.stats.dropped_messages >= 1
+    assert node.stats.rejected_groups == 1
