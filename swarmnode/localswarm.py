@@ -1,0 +1,282 @@
+"""``swarmnode local-swarm``: N real ``swarmnode run`` processes on 127.0.0.1, a live status table,
+and a summary (JSON + PNG) of how each node learned.
+
+Each node is its own OS process with its own port and data dir, exactly as on separate machines;
+node 0's printed multiaddr is the bootstrap address of the others (any node would do).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+# Printed by the daemon on start; the launcher greps for it to learn node 0's full address.
+MULTIADDR_PREFIX = "swarmnode listening on "
+STOP_GRACE_S = 20.0  # SIGTERM lets a node write its final checkpoint; SIGKILL after this
+
+
+@dataclass(kw_only=True, slots=True)
+class SwarmPlan:
+    nodes: int = 3
+    steps: int = 0
+    duration_s: float = 0.0
+    out: Path = Path("runs/local-swarm")
+    model: str = ""
+    swarm: str = "local"
+    node_args: list[str] = field(default_factory=list)
+    start_timeout_s: float = 120.0
+    # After --duration, nodes get this long to finish their step and exit before being stopped.
+    overrun_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.nodes <= 64:
+            raise ValueError(f"nodes must be in 1..64, got {self.nodes}")
+        if self.steps < 0:
+            raise ValueError(f"steps must be >= 0, got {self.steps}")
+        if self.duration_s < 0:
+            raise ValueError(f"duration must be >= 0, got {self.duration_s}")
+        if self.steps == 0 and self.duration_s == 0:
+            raise ValueError("give --steps or --duration (or neither, for the default demo)")
+
+
+@dataclass(slots=True)
+class NodeProc:
+    index: int
+    proc: subprocess.Popen[str]
+    data_dir: Path
+    log: IO[str]
+    multiaddr: str = ""
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.data_dir / "metrics.jsonl"
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """Rows written so far; a half-written last line (the node is still writing) is skipped."""
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def _fmt(v: Any, spec: str) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return format(v, spec)
+
+
+def status_table(nodes: list[NodeProc]) -> str:
+    lines = [
+        f"{'node':>4} {'state':>7} {'step':>5} {'reward':>7} {'acc':>6} {'peers':>5} {'ext':>5} {'round':>5}"
+    ]
+    for n in nodes:
+        rows = read_metrics(n.metrics_path)
+        last = rows[-1] if rows else {}
+        accs = [r["eval_acc"] for r in rows if r.get("eval_acc") is not None]
+        code = n.proc.poll()
+        state = "running" if code is None else f"exit {code}"
+        lines.append(
+            f"{n.index:>4} {state:>7} {_fmt(last.get('step'), 'd'):>5} {_fmt(last.get('reward'), '.3f'):>7} "
+            f"{_fmt(accs[-1] if accs else None, '.3f'):>6} {_fmt(last.get('peers'), 'd'):>5} "
+            f"{_fmt(last.get('external_groups'), 'd'):>5} {_fmt(last.get('round'), 'd'):>5}"
+        )
+    return "\n".join(lines)
+
+
+def _node_command(plan: SwarmPlan, index: int, data_dir: Path, bootstrap: str) -> list[str]:
+    cmd = [sys.executable, "-m", "swarmnode.cli", "run", "--data-dir", str(data_dir)]
+    cmd += ["--listen", "/ip4/127.0.0.1/tcp/0", "--swarm", plan.swarm]
+    if plan.model:
+        cmd += ["--model", plan.model]
+    if plan.steps:
+        cmd += ["--steps", str(plan.steps)]
+    if plan.duration_s:
+        cmd += ["--duration", str(plan.duration_s)]
+    if bootstrap:
+        cmd += ["--bootstrap", bootstrap]
+    # Different sampling seeds per node: identical nodes would generate identical rollouts.
+    cmd += ["--seed", str(index)]
+    return cmd + plan.node_args
+
+
+def _start(plan: SwarmPlan, index: int, bootstrap: str, node_cmd: list[str] | None) -> NodeProc:
+    data_dir = plan.out / f"node{index}"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    cmd = _node_command(plan, index, data_dir, bootstrap)
+    if node_cmd is not None:  # tests substitute a stand-in for `swarmnode run`
+        cmd = [*node_cmd, *cmd[4:]]
+    log = (data_dir / "node.log").open("w", encoding="utf-8")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
+    return NodeProc(index=index, proc=proc, data_dir=data_dir, log=log)
+
+
+def wait_multiaddr(node: NodeProc, timeout_s: float) -> str:
+    deadline = time.monotonic() + timeout_s
+    log_path = node.data_dir / "node.log"
+    while time.monotonic() < deadline:
+        for line in log_path.read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith(MULTIADDR_PREFIX):
+                return line[len(MULTIADDR_PREFIX) :].strip()
+        if node.proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    tail = log_path.read_text(encoding="utf-8", errors="replace")[-2000:]
+    raise RuntimeError(f"node {node.index} did not print its multiaddr within {timeout_s:.0f}s:\n{tail}")
+
+
+def stop_all(nodes: list[NodeProc], grace_s: float = STOP_GRACE_S) -> None:
+    """SIGTERM every node (graceful: final checkpoint), then SIGKILL whoever is still there."""
+    for n in nodes:
+        if n.proc.poll() is None:
+            n.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for n in nodes:
+        try:
+            n.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            n.proc.kill()
+            n.proc.wait()
+        n.log.close()
+
+
+def summarize(nodes: list[NodeProc], out: Path) -> dict[str, Any]:
+    per_node = []
+    for n in nodes:
+        rows = read_metrics(n.metrics_path)
+        rewards = [r["reward"] for r in rows if r.get("reward") is not None]
+        accs = [r["eval_acc"] for r in rows if r.get("eval_acc") is not None]
+        per_node.append(
+            {
+                "node": n.index,
+                "exit_code": n.proc.returncode,
+                "steps": rows[-1]["step"] if rows else 0,
+                "cumulative_reward": sum(rewards),
+                "mean_reward_first": rewards[0] if rewards else None,
+                "mean_reward_last": rewards[-1] if rewards else None,
+                "eval_acc_first": accs[0] if accs else None,
+                "eval_acc_last": accs[-1] if accs else None,
+                "external_groups": rows[-1].get("external_groups", 0) if rows else 0,
+                "merges": rows[-1].get("merges", 0) if rows else 0,
+                "anchor_hash": rows[-1].get("anchor_hash", "") if rows else "",
+                "bytes_sent": rows[-1].get("bytes_sent", 0) if rows else 0,
+            }
+        )
+    summary = {"nodes": per_node, "plot": str(out / "summary.png")}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    plot(nodes, out / "summary.png")
+    return summary
+
+
+def plot(nodes: list[NodeProc], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers; must precede pyplot
+    import matplotlib.pyplot as plt
+
+    fig, (ax_r, ax_a) = plt.subplots(1, 2, figsize=(11, 4))
+    for n in nodes:
+        rows = read_metrics(n.metrics_path)
+        if not rows:
+            continue
+        t0 = rows[0]["time"] - rows[0].get("step_s", 0.0)
+        ax_r.plot([r["time"] - t0 for r in rows], [r.get("reward") for r in rows], label=f"node {n.index}")
+        ev = [r for r in rows if r.get("eval_acc") is not None]
+        ax_a.plot(
+            [r["time"] - t0 for r in ev], [r["eval_acc"] for r in ev], marker="o", label=f"node {n.index}"
+        )
+    ax_r.set(title="mean reward per step", xlabel="seconds", ylabel="reward")
+    ax_a.set(title="held-out accuracy (greedy)", xlabel="seconds", ylabel="accuracy", ylim=(0, 1))
+    ax_r.legend()
+    ax_a.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run_swarm(plan: SwarmPlan, *, node_cmd: list[str] | None = None, live: bool = True) -> dict[str, Any]:
+    plan.out.mkdir(parents=True, exist_ok=True)
+    nodes: list[NodeProc] = []
+    try:
+        nodes.append(_start(plan, 0, "", node_cmd))
+        nodes[0].multiaddr = wait_multiaddr(nodes[0], plan.start_timeout_s)
+        for i in range(1, plan.nodes):
+            nodes.append(_start(plan, i, nodes[0].multiaddr, node_cmd))
+        # Bounded: steps/duration end every node; this is the backstop if one hangs.
+        budget = plan.duration_s + plan.overrun_s if plan.duration_s else 3600.0 * 6
+        deadline = time.monotonic() + budget
+        last_print = 0.0
+        while any(n.proc.poll() is None for n in nodes) and time.monotonic() < deadline:
+            if live and time.monotonic() - last_print >= 2.0:
+                table = status_table(nodes)
+                if sys.stdout.isatty():
+                    print("\x1b[H\x1b[J" + table, flush=True)
+                else:
+                    print(table + "\n", flush=True)
+                last_print = time.monotonic()
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        print("interrupted: stopping nodes", file=sys.stderr)
+    finally:
+        stop_all(nodes)
+    if live:
+        print(status_table(nodes))
+    summary = summarize(nodes, plan.out)
+    print(f"summary: {plan.out / 'summary.json'}  plot: {plan.out / 'summary.png'}")
+    return summary
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--nodes", type=int, default=3, help="number of nodes (default 3)")
+    parser.add_argument("--steps", type=int, default=0, help="training steps per node")
+    parser.add_argument("--duration", type=float, default=0.0, help="seconds per node (instead of --steps)")
+    parser.add_argument("--out", type=Path, default=Path("runs/local-swarm"), help="output directory")
+    parser.add_argument(
+        "--model", default="", help="model dir or hub id (default: the locally built tiny model)"
+    )
+    parser.add_argument("--swarm", default="local", help="swarm name (topic namespace)")
+    parser.add_argument(
+        "node_args", nargs=argparse.REMAINDER, help="after --: extra flags passed to every `swarmnode run`"
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    steps, duration = args.steps, args.duration
+    if steps == 0 and duration == 0:
+        steps = 40  # the default CPU demo: visibly learns in a few minutes on 2 cores
+    model = args.model
+    if not model:
+        from swarmnode.tinymodel import build_tiny_policy
+
+        model = str(build_tiny_policy(Path(args.out) / "tiny-model"))
+    extra = [a for a in args.node_args if a != "--"]
+    try:
+        plan = SwarmPlan(
+            nodes=args.nodes,
+            steps=steps,
+            duration_s=duration,
+            out=args.out,
+            model=model,
+            swarm=args.swarm,
+            node_args=extra,
+        )
+    except ValueError as exc:
+        print(f"swarmnode local-swarm: {exc}", file=sys.stderr)
+        return 2
+    summary = run_swarm(plan)
+    return 0 if all(n["exit_code"] == 0 for n in summary["nodes"]) else 1
