@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -40,8 +41,8 @@ class NodeSettings:
     metrics_path: Path | None = None
 
     def __post_init__(self) -> None:
-        if not self.swarm or "/" in self.swarm:
-            raise ValueError(f"swarm must be a non-empty name without '/', got {self.swarm!r}")
+        if not re.fullmatch(r"[a-z0-9-]{1,64}", self.swarm):
+            raise ValueError(f"swarm must be 1-64 characters from a-z, 0-9 and '-', got {self.swarm!r}")
         for name in ("steps", "eval_every", "merge_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -93,7 +94,7 @@ class Wire(Protocol):
     """Record construction + codec; ``gossip.ProtocolWire`` is the real one."""
 
     def presence(self, **fields: Any) -> Any: ...
-    def rollout_batch(self, *, author: str, cohort: str, step: int, groups: list[Any]) -> Any: ...
+    def encode_rollouts(self, *, author: str, cohort: str, step: int, groups: list[Any]) -> list[bytes]: ...
     def round_manifest(self, **fields: Any) -> Any: ...
     def encode(self, record: Any) -> bytes: ...
     def decode(self, data: bytes) -> Any: ...
@@ -162,7 +163,7 @@ class Node:
         self.topic_presence = f"/swarmnode/{swarm}/presence/1"
         self.topic_rollouts = f"/swarmnode/{swarm}/rollouts/1"
         # The cohort topic carries the model fingerprint: different models share rollouts, never merge.
-        self.topic_rounds = f"/swarmnode/{swarm}/rounds/1/{self.cohort}"
+        self.topic_rounds = f"/swarmnode/{swarm}/rounds/{self.cohort}/1"
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -277,8 +278,12 @@ class Node:
             t0 = self.clock()
             local = await asyncio.to_thread(self.learner.collect_local, step)
             if s.share_rollouts and local:
-                batch = self.wire.rollout_batch(author=self.me, cohort=self.cohort, step=step, groups=local)
-                await self._publish(self.topic_rollouts, batch)
+                # Batched: one message per step (split only if it would pass the gossip limit).
+                for data in self.wire.encode_rollouts(
+                    author=self.me, cohort=self.cohort, step=step, groups=local
+                ):
+                    await self.host.publish(self.topic_rollouts, data)
+                    self.stats.bytes_sent += len(data)
             external = self.learner.sample_external(step) if s.share_rollouts else []
             metrics = await asyncio.to_thread(self.learner.train_step, local, external)
             step += 1

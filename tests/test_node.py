@@ -99,6 +99,9 @@ class JsonWire:
     def rollout_batch(self, *, author: str, cohort: str, step: int, groups: list[Any]) -> Rec:
         return Rec("rollouts", {"author": author, "cohort": cohort, "policy_step": step, "groups": groups})
 
+    def encode_rollouts(self, *, author: str, cohort: str, step: int, groups: list[Any]) -> list[bytes]:
+        return [self.encode(self.rollout_batch(author=author, cohort=cohort, step=step, groups=groups))]
+
     def round_manifest(self, **fields: Any) -> Rec:
         return Rec("manifest", fields)
 
