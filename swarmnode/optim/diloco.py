@@ -1,0 +1,171 @@
+"""DiLoCo outer optimiser: an fp32 anchor that replicas leave for H inner steps and return to.
+
+Every replica keeps the same anchor. After its inner steps it publishes the pseudo-gradient
+Δ = anchor − local; all replicas average the Δs (in the same order, see ``swarmnode.aggregate``) and
+take one outer SGD step with Nesterov momentum on the anchor, then reset their local weights to it.
+Because the outer step is a deterministic function of (anchor, momentum, averaged Δ), replicas that
+average the same Δs land on bit-identical anchors, which ``anchor_hash`` lets them check.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+
+__all__ = ["DiLoCo"]
+
+
+class DiLoCo:
+    """Outer optimiser over ``named_params`` (lr 0.7, momentum 0.9, Nesterov: the DiLoCo/PRIME values)."""
+
+    def __init__(
+        self,
+        named_params: Iterable[tuple[str, torch.nn.Parameter]],
+        *,
+        lr: float = 0.7,
+        momentum: float = 0.9,
+        nesterov: bool = True,
+    ) -> None:
+        if not lr > 0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        if nesterov and momentum == 0.0:
+            # torch.optim.SGD refuses this too: Nesterov without momentum is plain SGD in disguise.
+            nesterov = False
+        self.lr = float(lr)
+        self.momentum = float(momentum)
+        self.nesterov = bool(nesterov)
+        self.params: dict[str, torch.nn.Parameter] = {}
+        for name, p in named_params:
+            if name in self.params:
+                raise ValueError(f"duplicate parameter name {name!r}")
+            self.params[name] = p
+        if not self.params:
+            raise ValueError("DiLoCo needs at least one parameter")
+        # fp32 anchor even for bf16 models: the outer step adds small lr·Δ updates that bf16 would round away.
+        self.anchor: dict[str, torch.Tensor] = {
+            n: p.detach().to(dtype=torch.float32, copy=True) for n, p in self.params.items()
+        }
+        self.buffers: dict[str, torch.Tensor] = {}
+        self.outer_steps = 0
+
+    # -- the round ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def pseudo_gradient(self) -> dict[str, torch.Tensor]:
+        """Δ = anchor − local, fp32, one tensor per parameter (on CPU, ready to encode)."""
+        return {
+            n: (self.anchor[n] - p.detach().to(dtype=torch.float32)).cpu() for n, p in self.params.items()
+        }
+
+    @torch.no_grad()
+    def outer_step(self, avg_delta: Mapping[str, torch.Tensor]) -> None:
+        """One outer SGD(+Nesterov) step on the anchor with the averaged Δ, then local ← anchor.
+
+        Same arithmetic as ``torch.optim.SGD(momentum=μ, nesterov=True)``: buf = μ·buf + Δ (buf = Δ on
+        the first step), update = Δ + μ·buf, anchor −= lr·update.
+        """
+        self._check(avg_delta, "avg_delta")
+        for name in self.params:
+            anchor = self.anchor[name]
+            d = avg_delta[name].to(device=anchor.device, dtype=torch.float32)
+            if not torch.isfinite(d).all():
+                raise ValueError(f"avg_delta[{name!r}] has non-finite values; aggregate first")
+            if self.momentum > 0:
+                buf = self.buffers.get(name)
+                if buf is None:
+                    buf = d.clone()
+                    self.buffers[name] = buf
+                else:
+                    buf.mul_(self.momentum).add_(d)
+                update = d.add(buf, alpha=self.momentum) if self.nesterov else buf
+            else:
+                update = d
+            anchor.sub_(update, alpha=self.lr)
+        self.outer_steps += 1
+        self.reset_local()
+
+    @torch.no_grad()
+    def reset_local(self) -> None:
+        """Copy the anchor into the live parameters (casting to their dtype/device)."""
+        for name, p in self.params.items():
+            p.copy_(self.anchor[name].to(device=p.device, dtype=p.dtype))
+
+    def anchor_hash(self) -> str:
+        """sha256 over sorted names, shapes and little-endian fp32 anchor bytes: equal across
+        processes and machines for equal anchors."""
+        h = hashlib.sha256()
+        for name in sorted(self.anchor):
+            t = self.anchor[name].detach().cpu().contiguous()
+            h.update(name.encode())
+            h.update(b"\0")
+            h.update(repr(tuple(t.shape)).encode())
+            h.update(b"\0")
+            # numpy gives a stable little-endian byte view on every platform we run on
+            h.update(t.numpy().astype("<f4", copy=False).tobytes())
+        return h.hexdigest()
+
+    # -- checkpoints and joiners ----------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors and plain scalars only (safetensors/JSON friendly, no pickle needed).
+
+        Keys: ``anchor.<name>``, ``momentum.<name>`` (present once a step was taken) and scalars
+        ``lr``, ``momentum``, ``nesterov``, ``outer_steps``.
+        """
+        out: dict[str, Any] = {f"anchor.{n}": t.detach().cpu().clone() for n, t in self.anchor.items()}
+        out.update({f"momentum.{n}": t.detach().cpu().clone() for n, t in self.buffers.items()})
+        out.update(lr=self.lr, momentum=self.momentum, nesterov=self.nesterov, outer_steps=self.outer_steps)
+        return out
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Only the tensor part of ``state_dict`` (what a checkpoint's safetensors file holds)."""
+        return {k: v for k, v in self.state_dict().items() if isinstance(v, torch.Tensor)}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: Mapping[str, Any], *, reset_local: bool = True) -> None:
+        """Restore anchor and momentum (e.g. a joiner catching up), then local ← anchor."""
+        anchors = {k[len("anchor.") :]: v for k, v in state.items() if k.startswith("anchor.")}
+        moms = {k[len("momentum.") :]: v for k, v in state.items() if k.startswith("momentum.")}
+        self._check(anchors, "state anchor")
+        unknown = sorted(set(moms) - set(self.params))
+        if unknown:
+            raise ValueError(f"state has momentum for unknown parameters {unknown[:5]}")
+        for n, t in moms.items():
+            self._check_one(n, t, "state momentum")
+        for name in self.params:
+            self.anchor[name].copy_(anchors[name].to(torch.float32))
+        self.buffers = {n: t.detach().to(torch.float32).clone() for n, t in moms.items()}
+        if "lr" in state:
+            self.lr = float(state["lr"])
+        if "momentum" in state:
+            self.momentum = float(state["momentum"])
+        if "nesterov" in state:
+            self.nesterov = bool(state["nesterov"])
+        if "outer_steps" in state:
+            self.outer_steps = int(state["outer_steps"])
+        if reset_local:
+            self.reset_local()
+
+    # -- validation -----------------------------------------------------------------------------
+
+    def _check(self, tensors: Mapping[str, torch.Tensor], what: str) -> None:
+        missing = sorted(set(self.params) - set(tensors))
+        extra = sorted(set(tensors) - set(self.params))
+        if missing or extra:
+            raise ValueError(
+                f"{what} names do not match the model: missing {missing[:5]}, unexpected {extra[:5]}"
+            )
+        for name, t in tensors.items():
+            self._check_one(name, t, what)
+
+    def _check_one(self, name: str, t: Any, what: str) -> None:
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{what}[{name!r}] must be a tensor, got {type(t).__name__}")
+        want = tuple(self.anchor[name].shape)
+        if tuple(t.shape) != want:
+            raise ValueError(f"{what}[{name!r}] has shape {tuple(t.shape)}, expected {want}")

@@ -1,0 +1,131 @@
+"""DiLoCo outer optimiser: matches torch.optim.SGD, replicas converge to identical anchors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from swarmnode.optim.diloco import DiLoCo
+
+
+def _model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+
+
+def _perturb(model: torch.nn.Module, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def test_momentum_zero_lr_one_gives_anchor_minus_delta() -> None:
+    m = _model()
+    outer = DiLoCo(m.named_parameters(), lr=1.0, momentum=0.0)
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    delta = {n: torch.full_like(p, 0.5) for n, p in m.named_parameters()}
+    outer.outer_step(delta)
+    for n, p in m.named_parameters():
+        torch.testing.assert_close(p.detach(), before[n] - 0.5)
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_matches_torch_sgd_on_same_deltas(nesterov: bool) -> None:
+    m = _model()
+    ref = torch.nn.Parameter(torch.cat([p.detach().flatten() for p in m.parameters()]).clone())
+    sgd = torch.optim.SGD([ref], lr=0.7, momentum=0.9, nesterov=nesterov)
+    outer = DiLoCo(m.named_parameters(), lr=0.7, momentum=0.9, nesterov=nesterov)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        deltas = {n: torch.randn(p.shape, generator=g) for n, p in m.named_parameters()}
+        outer.outer_step(deltas)
+        ref.grad = torch.cat([d.flatten() for d in deltas.values()])
+        sgd.step()
+        got = torch.cat([p.detach().flatten() for p in m.parameters()])
+        torch.testing.assert_close(got, ref.detach(), rtol=1e-6, atol=1e-6)
+
+
+def test_two_replicas_averaging_deltas_end_identical() -> None:
+    a, b = _model(), _model()
+    oa, ob = DiLoCo(a.named_parameters()), DiLoCo(b.named_parameters())
+    assert oa.anchor_hash() == ob.anchor_hash()
+    for rnd in range(3):
+        _perturb(a, 100 + rnd)
+        _perturb(b, 200 + rnd)
+        da, db = oa.pseudo_gradient(), ob.pseudo_gradient()
+        avg = {n: (da[n] + db[n]) / 2 for n in da}
+        oa.outer_step(avg)
+        ob.outer_step(avg)
+        dist = sum(
+            float((pa - pb).detach().abs().sum())
+            for pa, pb in zip(a.parameters(), b.parameters(), strict=True)
+        )
+        assert dist == 0.0
+        assert oa.anchor_hash() == ob.anchor_hash()
+    assert oa.outer_steps == 3
+
+
+def test_pseudo_gradient_is_anchor_minus_local() -> None:
+    m = _model()
+    outer = DiLoCo(m.named_parameters())
+    anchor = {n: p.detach().clone() for n, p in m.named_parameters()}
+    _perturb(m, 7)
+    delta = outer.pseudo_gradient()
+    for n, p in m.named_parameters():
+        torch.testing.assert_close(delta[n], anchor[n] - p.detach())
+
+
+def test_state_dict_round_trip_lets_a_joiner_catch_up() -> None:
+    a, b = _model(0), _model(5)
+    oa, ob = DiLoCo(a.named_parameters()), DiLoCo(b.named_parameters())
+    _perturb(a, 3)
+    oa.outer_step(oa.pseudo_gradient())
+    state = oa.state_dict()
+    assert all(isinstance(v, torch.Tensor | int | float | bool) for v in state.values())
+    ob.load_state_dict(state)
+    assert ob.anchor_hash() == oa.anchor_hash()
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.equal(pa, pb)
+    # same momentum too: one more identical step keeps them equal
+    delta = {n: torch.ones_like(p) for n, p in a.named_parameters()}
+    oa.outer_step(delta)
+    ob.outer_step(delta)
+    assert ob.anchor_hash() == oa.anchor_hash()
+
+
+def test_hash_changes_with_weights() -> None:
+    m = _model()
+    outer = DiLoCo(m.named_parameters())
+    h0 = outer.anchor_hash()
+    outer.outer_step({n: torch.full_like(p, 1e-3) for n, p in m.named_parameters()})
+    assert outer.anchor_hash() != h0
+
+
+def test_validation_errors_name_the_problem() -> None:
+    m = _model()
+    outer = DiLoCo(m.named_parameters())
+    good = {n: torch.zeros_like(p) for n, p in m.named_parameters()}
+    with pytest.raises(ValueError, match="missing"):
+        outer.outer_step({k: v for k, v in list(good.items())[1:]})
+    bad_shape = dict(good)
+    first = next(iter(bad_shape))
+    bad_shape[first] = torch.zeros(7)
+    with pytest.raises(ValueError, match="shape"):
+        outer.outer_step(bad_shape)
+    nan = dict(good)
+    nan[first] = torch.full_like(good[first], float("nan"))
+    with pytest.raises(ValueError, match="non-finite"):
+        outer.outer_step(nan)
+    with pytest.raises(ValueError, match="lr"):
+        DiLoCo(m.named_parameters(), lr=0.0)
+    with pytest.raises(ValueError, match="momentum"):
+        DiLoCo(m.named_parameters(), momentum=1.0)
+
+
+def test_bf16_params_keep_fp32_anchor() -> None:
+    m = _model().to(torch.bfloat16)
+    outer = DiLoCo(m.named_parameters())
+    assert all(t.dtype == torch.float32 for t in outer.anchor.values())
+    outer.outer_step({n: torch.zeros(p.shape) for n, p in m.named_parameters()})
+    assert all(p.dtype == torch.bfloat16 for p in m.parameters())
