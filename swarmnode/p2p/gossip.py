@@ -1,0 +1,167 @@
+"""Gossipsub set-up and the pieces that replace py-libp2p defaults that lose messages silently."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+from libp2p.peer.id import ID
+from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, GossipSub
+from libp2p.pubsub.pb import rpc_pb2
+from libp2p.pubsub.pubsub import Pubsub
+
+log = logging.getLogger(__name__)
+
+# The library's per-peer outbound queue holds 32 RPCs and drops the rest without a log above DEBUG; a burst
+# of 100 publishes lost 84. Publishing waits while any peer's queue is above this mark.
+PACING_HIGH_WATER = 8
+# A peer whose queue never drains (stuck connection) must not block publishing forever.
+PACING_MAX_WAIT_S = 5.0
+# Heartbeat drives mesh formation and IHAVE gossip; the default 120 s makes a fresh swarm take minutes.
+HEARTBEAT_S = 0.5
+# Digests remembered for equivocation detection (32 bytes each instead of a full payload each).
+EQUIVOCATION_MEMORY = 4096
+# The library's subscription channel holds 32 messages and drops the rest with only a warning; our
+# reader drains it into asyncio at once, but a larger channel absorbs scheduling hiccups.
+SUBSCRIPTION_CHANNEL = 4096
+
+
+@dataclass(slots=True)
+class TopicStats:
+    sent: int = 0
+    received: int = 0
+    delivered: int = 0
+    dropped: int = 0  # local subscriber queue full
+    rejected: int = 0  # failed the size cap or a validator
+    own_filtered: int = 0
+    bytes_out: int = 0
+    bytes_in: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in self.__slots__}  # type: ignore[attr-defined]
+
+
+@dataclass(slots=True)
+class GossipStats:
+    topics: dict[str, TopicStats] = field(default_factory=dict)
+    equivocations: int = 0
+    paced_waits: int = 0
+    pacing_timeouts: int = 0
+
+    def topic(self, name: str) -> TopicStats:
+        stats = self.topics.get(name)
+        if stats is None:
+            stats = self.topics[name] = TopicStats()
+        return stats
+
+
+def build_gossipsub(host: Any) -> tuple[Pubsub, GossipSub, DigestEquivocation]:
+    router = GossipSub(
+        protocols=[PROTOCOL_ID_V11, PROTOCOL_ID],
+        degree=6,
+        degree_low=4,
+        degree_high=12,
+        heartbeat_initial_delay=0.1,
+        heartbeat_interval=HEARTBEAT_S,  # type: ignore[arg-type] - used with trio.sleep, floats work
+        # Spam protection counts the publisher's own messages (10/s per topic) and drops them: rate limits
+        # belong in our topic validators instead.
+        spam_protection_enabled=False,
+        # Adaptive gossip stretches a 0.5 s heartbeat to 30 s on a quiet swarm.
+        adaptive_gossip_enabled=False,
+        # Loopback swarms share one IP; the diversity check would keep meshes empty.
+        eclipse_protection_enabled=False,
+    )
+    pubsub = Pubsub(host, router, strict_signing=True)
+    equivocation = DigestEquivocation(router)
+    router._check_equivocation = equivocation.check  # type: ignore[method-assign]
+    return pubsub, router, equivocation
+
+
+class DigestEquivocation:
+    """Same (origin, seqno) with different content is equivocation.
+
+    The library keeps every full message of the last 1000 (GBs with MB payloads); this keeps a bounded
+    LRU of 32-byte digests.
+    """
+
+    def __init__(self, router: GossipSub, memory: int = EQUIVOCATION_MEMORY) -> None:
+        self._router = router
+        self._memory = memory
+        self._seen: OrderedDict[bytes, bytes] = OrderedDict()
+        self.detected = 0
+
+    def check(self, msg: rpc_pb2.Message) -> bool:
+        key = msg.from_id + msg.seqno
+        digest = hashlib.sha256(msg.data + b"\x00".join(t.encode() for t in msg.topicIDs)).digest()
+        known = self._seen.get(key)
+        if known is not None:
+            if known != digest:
+                self.detected += 1
+                log.warning("equivocation from peer %s: same seqno, different content", ID(msg.from_id))
+                if self._router.scorer is not None:
+                    self._router.scorer.penalize_equivocation(ID(msg.from_id), 100.0)
+                return False
+            return True
+        self._seen[key] = digest
+        if len(self._seen) > self._memory:
+            self._seen.popitem(last=False)
+        return True
+
+
+def max_peer_queue(pubsub: Pubsub) -> int:
+    return max((len(q) for q in pubsub.peer_queues.values()), default=0)
+
+
+async def wait_queues_low(pubsub: Pubsub, stats: GossipStats) -> None:
+    """Back-pressure: wait while any per-peer outbound queue is above the high-water mark."""
+    if max_peer_queue(pubsub) <= PACING_HIGH_WATER:
+        return
+    stats.paced_waits += 1
+    with trio.move_on_after(PACING_MAX_WAIT_S):
+        # The library signals nothing when a queue drains, so poll (2 ms is far below a send's latency).
+        while max_peer_queue(pubsub) > PACING_HIGH_WATER:  # noqa: ASYNC110
+            await trio.sleep(0.002)
+        return
+    stats.pacing_timeouts += 1
+    log.warning(
+        "a peer's outbound queue stayed above %d for %.0f s; publishing anyway",
+        PACING_HIGH_WATER,
+        PACING_MAX_WAIT_S,
+    )
+
+
+Validator = Callable[[str, bytes], bool]
+
+
+def make_topic_validator(
+    topic: str, max_bytes: int, validators: list[Validator], stats: GossipStats
+) -> Callable[[ID, rpc_pb2.Message], bool]:
+    """Library-facing validator: size cap, then every user validator. Rejection stops delivery and forwarding."""
+
+    def validate(_forwarder: ID, msg: rpc_pb2.Message) -> bool:
+        if len(msg.data) > max_bytes:
+            stats.topic(topic).rejected += 1
+            log.info("rejected %d-byte message on %s: over the %d-byte cap", len(msg.data), topic, max_bytes)
+            return False
+        try:
+            origin = ID(msg.from_id).to_base58()
+        except Exception:
+            stats.topic(topic).rejected += 1
+            return False
+        for validator in validators:
+            try:
+                ok = validator(origin, msg.data)
+            except Exception:
+                log.exception("validator for %s raised; rejecting the message", topic)
+                ok = False
+            if not ok:
+                stats.topic(topic).rejected += 1
+                return False
+        return True
+
+    return validate

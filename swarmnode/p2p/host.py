@@ -1,0 +1,465 @@
+"""The p2p host: py-libp2p (TCP + noise + yamux, gossipsub, Kademlia) in its own trio thread, used from asyncio."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import multiaddr
+import trio
+from libp2p import new_host
+from libp2p.custom_types import TProtocol
+from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
+from libp2p.tools.anyio_service import background_trio_service
+
+from swarmnode.p2p.bridge import TrioBridge, open_trio_bridge
+from swarmnode.p2p.config import HostConfig, Message
+from swarmnode.p2p.gossip import (
+    SUBSCRIPTION_CHANNEL,
+    DigestEquivocation,
+    GossipStats,
+    Validator,
+    build_gossipsub,
+    make_topic_validator,
+    wait_queues_low,
+)
+from swarmnode.p2p.identity import load_or_create_identity
+from swarmnode.p2p.streams import (
+    BLOB_PROTOCOL,
+    BlobStats,
+    BlobStore,
+    TransportError,
+    fetch_from,
+    read_frame,
+    read_header,
+    write_frame,
+    write_header,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_REQUEST_BYTES = 16 << 20
+DEFAULT_MAX_RESPONSE_BYTES = 64 << 20
+DIAL_TIMEOUT_S = 3.0
+# Re-dial backoff: fast while a swarm forms, capped so a restarted bootstrap node is found within ~5 s.
+BACKOFF_MIN_S = 0.25
+BACKOFF_MAX_S = 5.0
+
+
+@dataclass(slots=True)
+class _Trio:
+    """Library objects; touched only from the trio thread (reads of counters excepted)."""
+
+    host: Any
+    pubsub: Any
+    router: Any
+    dht: KadDHT | None
+    equivocation: DigestEquivocation
+
+
+class Subscription:
+    """Async iterator of messages on one topic; ends when the host closes or `aclose()` is called."""
+
+    def __init__(self, owner: Host, topic: str, maxsize: int) -> None:
+        self.topic = topic
+        self._owner = owner
+        self.queue: asyncio.Queue[Message | None] = asyncio.Queue(maxsize)
+
+    def __aiter__(self) -> Subscription:
+        return self
+
+    async def __anext__(self) -> Message:
+        item = await self.queue.get()
+        if item is None:
+            raise StopAsyncIteration
+        return item
+
+    async def aclose(self) -> None:
+        self._owner._drop_subscription(self)
+        self.end()
+
+    def end(self) -> None:
+        with contextlib.suppress(asyncio.QueueFull):
+            self.queue.put_nowait(None)
+            return
+        # Full: make room for the end marker; the dropped message is counted.
+        self.queue.get_nowait()
+        self._owner._gossip.topic(self.topic).dropped += 1
+        self.queue.put_nowait(None)
+
+
+class Host:
+    """Use `open_host(config)`; see the package docstring for the API."""
+
+    def __init__(self, config: HostConfig) -> None:
+        self.config = config
+        self.peer_id = ""
+        self.listen_addrs: list[str] = []
+        self._bridge: TrioBridge | None = None
+        self._trio: _Trio | None = None
+        self._gossip = GossipStats()
+        self._blob_stats = BlobStats()
+        self._blobs = BlobStore(self._blob_stats)
+        self._subs: dict[str, list[Subscription]] = {}
+        self._validators: dict[str, list[Validator]] = {}
+        self._dial_stats = {"attempts": 0, "failures": 0, "dht_lookups": 0}
+        self._lookup_due = 0.0
+        self._requests = {"served": 0, "failed": 0, "sent": 0, "send_failed": 0}
+
+    # -- gossip ----------------------------------------------------------------------------------------------
+    async def publish(self, topic: str, data: bytes) -> None:
+        if len(data) > self.config.max_message_bytes:
+            raise ValueError(
+                f"message of {len(data)} bytes exceeds max_message_bytes={self.config.max_message_bytes}; "
+                "send large payloads with provide_blob() and gossip a manifest"
+            )
+        await self._b().run(self._trio_publish, topic, bytes(data))
+
+    async def _trio_publish(self, topic: str, data: bytes) -> None:
+        state = self._t()
+        await wait_queues_low(state.pubsub, self._gossip)
+        await state.pubsub.publish(topic, data)
+        stats = self._gossip.topic(topic)
+        stats.sent += 1
+        stats.bytes_out += len(data)
+
+    def subscribe(
+        self, topic: str, *, validator: Validator | None = None, maxsize: int = 1024
+    ) -> Subscription:
+        sub = Subscription(self, topic, maxsize)
+        first = topic not in self._subs
+        self._subs.setdefault(topic, []).append(sub)
+        validators = self._validators.setdefault(topic, [])
+        if validator is not None:
+            validators.append(validator)
+        if first:
+            self._b().start_soon(self._trio_subscribe, topic, validators)
+        return sub
+
+    async def _trio_subscribe(self, topic: str, validators: list[Validator]) -> None:
+        state = self._t()
+        state.pubsub.set_topic_validator(
+            topic, make_topic_validator(topic, self.config.max_message_bytes, validators, self._gossip), False
+        )
+        await state.pubsub.subscribe(topic)
+        # Swap in a larger channel: the library's holds 32 messages and drops the rest with only a warning.
+        send, receive = trio.open_memory_channel[Any](SUBSCRIPTION_CHANNEL)
+        state.pubsub.subscribed_topics_send[topic] = send
+        stats = self._gossip.topic(topic)
+        bridge = self._b()
+        async with receive:
+            async for msg in receive:
+                stats.received += 1
+                stats.bytes_in += len(msg.data)
+                origin = ID(msg.from_id).to_base58()
+                if origin == self.peer_id:
+                    stats.own_filtered += 1
+                    continue
+                message = Message(topic=topic, origin=origin, data=msg.data, received_at=time.time())
+                if not bridge.call_soon_in_asyncio(self._deliver, message):
+                    stats.dropped += 1
+
+    def _deliver(self, message: Message) -> None:
+        stats = self._gossip.topic(message.topic)
+        for sub in self._subs.get(message.topic, ()):
+            try:
+                sub.queue.put_nowait(message)
+                stats.delivered += 1
+            except asyncio.QueueFull:
+                stats.dropped += 1
+                if stats.dropped in (1, 10, 100) or stats.dropped % 1000 == 0:
+                    log.warning(
+                        "subscriber queue for %s full: %d messages dropped so far",
+                        message.topic,
+                        stats.dropped,
+                    )
+
+    def _drop_subscription(self, sub: Subscription) -> None:
+        subs = self._subs.get(sub.topic, [])
+        if sub in subs:
+            subs.remove(sub)
+
+    # -- request / response ------------------------------------------------------------------------------------
+    def set_request_handler(
+        self, protocol_id: str, handler: Callable[[str, bytes], Awaitable[bytes]]
+    ) -> None:
+        bridge = self._b()
+        loop = bridge.loop
+
+        async def on_stream(stream: Any) -> None:
+            peer = stream.muxed_conn.peer_id.to_base58()
+            try:
+                data = await read_frame(stream, MAX_REQUEST_BYTES)
+
+                async def call() -> bytes:
+                    return await handler(peer, data)
+
+                future = asyncio.run_coroutine_threadsafe(call(), loop)
+                done = trio.Event()
+                future.add_done_callback(lambda _f: bridge.run_sync_soon(done.set))
+                try:
+                    await done.wait()
+                except trio.Cancelled:
+                    future.cancel()
+                    raise
+                try:
+                    response = future.result()
+                except Exception as exc:  # reported to the requester
+                    log.warning("request handler for %s failed: %r", protocol_id, exc)
+                    self._requests["failed"] += 1
+                    await write_header(stream, {"ok": False, "err": f"{type(exc).__name__}: {exc}"})
+                    return
+                await write_header(stream, {"ok": True})
+                await write_frame(stream, bytes(response))
+                self._requests["served"] += 1
+            except Exception as exc:  # a bad peer must never take the handler down
+                self._requests["failed"] += 1
+                log.info("request on %s from %s failed: %s", protocol_id, peer, exc)
+            finally:
+                with trio.move_on_after(1.0), contextlib.suppress(Exception):
+                    await stream.close()
+
+        bridge.run_sync_soon(lambda: self._t().host.set_stream_handler(TProtocol(protocol_id), on_stream))
+
+    async def request(
+        self,
+        peer_id: str,
+        protocol_id: str,
+        data: bytes,
+        *,
+        timeout: float = 30.0,  # noqa: ASYNC109 - part of the public API
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+    ) -> bytes:
+        if len(data) > MAX_REQUEST_BYTES:
+            raise ValueError(f"request of {len(data)} bytes exceeds {MAX_REQUEST_BYTES}")
+        try:
+            result = await self._b().run(
+                self._trio_request, peer_id, protocol_id, bytes(data), timeout, max_response_bytes
+            )
+        except TransportError:
+            self._requests["send_failed"] += 1
+            raise
+        except Exception as exc:
+            self._requests["send_failed"] += 1
+            raise TransportError(f"request {protocol_id} to {peer_id} failed: {exc!r}") from exc
+        self._requests["sent"] += 1
+        return result
+
+    async def _trio_request(
+        self,
+        peer_id: str,
+        protocol_id: str,
+        data: bytes,
+        timeout: float,  # noqa: ASYNC109
+        max_response_bytes: int,
+    ) -> bytes:
+        try:
+            with trio.fail_after(timeout):
+                stream = await self._t().host.new_stream(ID.from_base58(peer_id), [TProtocol(protocol_id)])
+                try:
+                    await write_frame(stream, data)
+                    header = await read_header(stream)
+                    if not header.get("ok"):
+                        raise TransportError(
+                            f"{peer_id} answered {protocol_id} with an error: {header.get('err')}"
+                        )
+                    return await read_frame(stream, max_response_bytes)
+                finally:
+                    with trio.move_on_after(1.0), contextlib.suppress(Exception):
+                        await stream.close()
+        except trio.TooSlowError:
+            raise TransportError(f"request {protocol_id} to {peer_id} timed out after {timeout} s") from None
+
+    # -- blobs -----------------------------------------------------------------------------------------------
+    def provide_blob(self, data: bytes) -> str:
+        if len(data) > self.config.max_blob_bytes:
+            raise ValueError(f"blob of {len(data)} bytes exceeds max_blob_bytes={self.config.max_blob_bytes}")
+        return self._blobs.provide(data)
+
+    def remove_blob(self, content_hash: str) -> None:
+        self._blobs.remove(content_hash)
+
+    async def fetch(
+        self,
+        content_hash: str,
+        providers: list[str],
+        *,
+        max_size: int,
+        timeout: float = 60.0,  # noqa: ASYNC109
+    ) -> bytes:
+        if not providers:
+            raise ValueError("fetch needs at least one provider")
+        cap = min(max_size, self.config.max_blob_bytes)
+        return await self._b().run(self._trio_fetch, content_hash, list(providers), cap, timeout)
+
+    async def _trio_fetch(self, digest: str, providers: list[str], max_size: int, timeout: float) -> bytes:  # noqa: ASYNC109
+        errors: list[str] = []
+        buf = bytearray()
+        with trio.move_on_after(timeout):
+            for provider in providers:
+                if provider == self.peer_id:
+                    continue
+                try:
+                    await fetch_from(self._open_stream, digest, provider, buf, max_size)
+                except Exception as exc:  # try the next provider; the reason is reported
+                    self._blob_stats.provider_failures += 1
+                    errors.append(f"{provider}: {exc}")
+                    log.info("blob %s from %s failed: %s", digest[:12], provider, exc)
+                    continue
+                if hashlib.sha256(buf).hexdigest() == digest:
+                    self._blob_stats.fetched += 1
+                    self._blob_stats.fetched_bytes += len(buf)
+                    return bytes(buf)
+                self._blob_stats.provider_failures += 1
+                errors.append(f"{provider}: content does not match the hash")
+                buf.clear()
+        if not errors:
+            errors.append(f"timed out after {timeout} s")
+        self._blob_stats.fetch_failures += 1
+        raise TransportError(f"could not fetch blob {digest[:16]}: " + "; ".join(errors))
+
+    async def _open_stream(self, peer_id: str, protocol_id: str) -> Any:
+        return await self._t().host.new_stream(ID.from_base58(peer_id), [TProtocol(protocol_id)])
+
+    # -- peers and counters ----------------------------------------------------------------------------------
+    def connected_peers(self) -> list[str]:
+        if self._trio is None:
+            return []
+        return [p.to_base58() for p in list(self._trio.host.get_connected_peers())]
+
+    def statistics(self) -> dict[str, Any]:
+        depths: dict[str, int] = {}
+        if self._trio is not None:
+            for peer, queue in list(self._trio.pubsub.peer_queues.items()):
+                depths[peer.to_base58()] = len(queue)
+        topics = {}
+        for name, stats in list(self._gossip.topics.items()):
+            entry: dict[str, Any] = stats.as_dict()
+            entry["subscriber_queue_depths"] = [s.queue.qsize() for s in self._subs.get(name, [])]
+            topics[name] = entry
+        return {
+            "peer_id": self.peer_id,
+            "connected_peers": len(self.connected_peers()),
+            "topics": topics,
+            "peer_queue_depths": depths,
+            "max_peer_queue_depth": max(depths.values(), default=0),
+            "bytes_out": sum(t.bytes_out for t in self._gossip.topics.values()),
+            "bytes_in": sum(t.bytes_in for t in self._gossip.topics.values()),
+            "equivocations": self._trio.equivocation.detected if self._trio else 0,
+            "paced_waits": self._gossip.paced_waits,
+            "pacing_timeouts": self._gossip.pacing_timeouts,
+            "blobs": self._blob_stats.as_dict(),
+            "requests": dict(self._requests),
+            "dial": dict(self._dial_stats),
+        }
+
+    # -- lifecycle (trio side) -------------------------------------------------------------------------------
+    @asynccontextmanager
+    async def _run(self, bridge: TrioBridge, nursery: trio.Nursery) -> AsyncIterator[None]:
+        key_pair = load_or_create_identity(self.config.data_dir)
+        listen = multiaddr.Multiaddr(f"/ip4/{self.config.listen_host}/tcp/{self.config.port}")
+        host = new_host(key_pair=key_pair, listen_addrs=[listen], enable_mDNS=self.config.enable_mdns)
+        pubsub, router, equivocation = build_gossipsub(host)
+        host.set_stream_handler(TProtocol(BLOB_PROTOCOL), self._blobs.serve)
+        # The pubsub services must run before host.run(): an incoming pubsub stream crashes a node otherwise.
+        async with background_trio_service(pubsub), background_trio_service(router):
+            await pubsub.wait_until_ready()
+            async with host.run(listen_addrs=[listen]):
+                dht = KadDHT(host, DHTMode.SERVER) if self.config.enable_dht else None
+                async with background_trio_service(dht) if dht else contextlib.nullcontext():
+                    self._trio = _Trio(
+                        host=host, pubsub=pubsub, router=router, dht=dht, equivocation=equivocation
+                    )
+                    self.peer_id = host.get_id().to_base58()
+                    self.listen_addrs = [_full_addr(a, self.peer_id) for a in host.get_addrs()]
+                    nursery.start_soon(self._dial_loop)
+                    yield
+
+    async def _dial_loop(self) -> None:
+        """Keep dialing bootstrap (and DHT-discovered) peers while below target_peers; never give up."""
+        state = self._t()
+        me = state.host.get_id()
+        bootstrap = [info_from_p2p_addr(multiaddr.Multiaddr(a)) for a in self.config.bootstrap]
+        bootstrap = [b for b in bootstrap if b.peer_id != me]
+        backoff = BACKOFF_MIN_S
+        while True:
+            try:
+                backoff = await self._dial_round(state, me, bootstrap, backoff)
+            except Exception:
+                # The loop must never die: a node below target keeps trying for as long as it runs.
+                log.exception("peer dialing round failed; retrying")
+                backoff = BACKOFF_MAX_S
+            await trio.sleep(backoff)
+
+    async def _dial_round(self, state: _Trio, me: ID, bootstrap: list[PeerInfo], backoff: float) -> float:
+        """One round of dialing; returns how long to wait before the next one."""
+        before = set(state.host.get_connected_peers())
+        if len(before) >= self.config.target_peers:
+            return 1.0
+        candidates: dict[ID, PeerInfo] = {b.peer_id: b for b in bootstrap if b.peer_id not in before}
+        if state.dht is not None:
+            peerstore = state.host.get_peerstore()
+            with_addrs = set(peerstore.peers_with_addrs())
+            for pid in state.dht.routing_table.get_peer_ids():
+                if pid != me and pid not in before and pid not in candidates and pid in with_addrs:
+                    candidates[pid] = PeerInfo(pid, peerstore.addrs(pid))
+        room = self.config.target_peers - len(before)
+        async with trio.open_nursery() as dials:
+            for info in list(candidates.values())[: max(room, len(bootstrap))]:
+                dials.start_soon(self._dial, info)
+        if state.dht is not None and before and trio.current_time() >= self._lookup_due:
+            # A lookup of our own id returns the peers nearest to us and fills the routing table.
+            self._lookup_due = trio.current_time() + BACKOFF_MAX_S
+            self._dial_stats["dht_lookups"] += 1
+            with trio.move_on_after(DIAL_TIMEOUT_S), contextlib.suppress(Exception):
+                for pid in before:
+                    await state.dht.add_peer(pid)
+                await state.dht.peer_routing.find_closest_peers_network(me.to_bytes())
+        after = set(state.host.get_connected_peers())
+        return BACKOFF_MIN_S if after - before else min(backoff * 2, BACKOFF_MAX_S)
+
+    async def _dial(self, info: PeerInfo) -> None:
+        self._dial_stats["attempts"] += 1
+        try:
+            with trio.fail_after(DIAL_TIMEOUT_S):
+                await self._t().host.connect(info)
+        except Exception as exc:  # any dial failure is retried with backoff
+            self._dial_stats["failures"] += 1
+            log.debug("dial %s failed: %r", info.peer_id, exc)
+
+    def _b(self) -> TrioBridge:
+        if self._bridge is None:
+            raise RuntimeError("host is not open; use `async with open_host(config) as host`")
+        return self._bridge
+
+    def _t(self) -> _Trio:
+        assert self._trio is not None, "trio state is set before open_host yields"
+        return self._trio
+
+
+def _full_addr(addr: multiaddr.Multiaddr, peer_id: str) -> str:
+    text = str(addr)
+    return text if "/p2p/" in text else f"{text}/p2p/{peer_id}"
+
+
+@asynccontextmanager
+async def open_host(config: HostConfig) -> AsyncIterator[Host]:
+    """Start a libp2p host in its own trio thread; leaving the block stops it and joins the thread (~1 s)."""
+    host = Host(config)
+    async with open_trio_bridge(host._run) as (bridge, _):
+        host._bridge = bridge
+        try:
+            yield host
+        finally:
+            for subs in host._subs.values():
+                for sub in subs:
+                    sub.end()
