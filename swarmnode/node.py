@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-log = logging.getLogger(__name__)
+from swarmnode.catchup import STATE_PROTOCOL, CatchupError, Snapshot, StateServer, fetch_state, pick_source
 
-STATE_PROTOCOL = "/swarmnode/state/1.0.0"
+log = logging.getLogger(__name__)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -38,6 +38,9 @@ class NodeSettings:
     presence_interval_s: float = 2.0
     peer_timeout_s: float = 15.0  # a peer not heard from for this long is no longer expected
     max_blob_bytes: int = 256 * 1024 * 1024
+    # A fresh node listens this long for a cohort peer's presence so a late joiner can load the
+    # current state before its first step instead of training a stale replica.
+    join_wait_s: float = 3.0
     metrics_path: Path | None = None
 
     def __post_init__(self) -> None:
@@ -46,7 +49,7 @@ class NodeSettings:
         for name in ("steps", "eval_every", "merge_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("duration_s", "collect_seconds", "presence_interval_s", "peer_timeout_s"):
+        for name in ("duration_s", "collect_seconds", "join_wait_s", "presence_interval_s", "peer_timeout_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.eval_every == 0:
@@ -88,6 +91,8 @@ class Merger(Protocol):
     def pseudo_gradient(self) -> dict[str, Any]: ...
     def outer_step(self, avg_delta: dict[str, Any]) -> None: ...
     def anchor_hash(self) -> str: ...
+    def state_blob(self) -> bytes: ...
+    def load_state_blob(self, blob: bytes) -> None: ...
 
 
 class Wire(Protocol):
@@ -96,6 +101,7 @@ class Wire(Protocol):
     def presence(self, **fields: Any) -> Any: ...
     def encode_rollouts(self, *, author: str, cohort: str, step: int, groups: list[Any]) -> list[bytes]: ...
     def round_manifest(self, **fields: Any) -> Any: ...
+    def state_manifest(self, **fields: Any) -> Any: ...
     def encode(self, record: Any) -> bytes: ...
     def decode(self, data: bytes) -> Any: ...
     def kind(self, record: Any) -> str: ...
@@ -120,6 +126,7 @@ class NodeStats:
     external_groups: int = 0
     rejected_groups: int = 0
     merges: int = 0
+    catchups: int = 0
     merge_contributors: int = 0
     last_reward: float = float("nan")
     last_eval: float = float("nan")
@@ -157,7 +164,11 @@ class Node:
         self._cohort_members: dict[str, float] = {}  # peer id -> last heard on the cohort topic
         self._rounds: dict[int, _Round] = {}
         self._stop = asyncio.Event()
+        self._cohort_seen = asyncio.Event()
         self._served_blob = ""
+        self._samples_since_merge = 0
+        self.state_server = StateServer(host, wire, self.cohort)
+        host.set_request_handler(STATE_PROTOCOL, self.state_server.handle)
         self._metrics_file: Any = None
         swarm = settings.swarm
         self.topic_presence = f"/swarmnode/{swarm}/presence/1"
@@ -244,6 +255,8 @@ class Node:
         now = self.clock()
         if kind == "presence":
             self._peers[origin] = (now, record)
+            if getattr(record, "cohort", None) == self.cohort:
+                self._cohort_seen.set()
         elif kind == "rollouts":
             if not self.settings.share_rollouts:
                 return
@@ -269,8 +282,14 @@ class Node:
     async def _train_loop(self) -> None:
         s = self.settings
         start = self.clock()
-        step = self.stats.step
+        if self.merger is not None:
+            self._refresh_snapshot()
+            if s.merge_every and s.join_wait_s:
+                await self._wait_first_peer(s.join_wait_s)
         while not self._stop.is_set():
+            if self.merger is not None and s.merge_every:
+                await self._maybe_catch_up()
+            step = self.stats.step
             if s.steps and step >= s.steps:
                 break
             if s.duration_s and self.clock() - start >= s.duration_s:
@@ -288,6 +307,7 @@ class Node:
             metrics = await asyncio.to_thread(self.learner.train_step, local, external)
             step += 1
             self.stats.step = step
+            self._samples_since_merge += len(local) + len(external)
             self.stats.last_reward = float(metrics.get("reward", float("nan")))
             if s.merge_every and self.merger is not None and step % s.merge_every == 0:
                 await self._merge(step // s.merge_every)
@@ -333,7 +353,8 @@ class Node:
         delta = await asyncio.to_thread(self.merger.pseudo_gradient)
         blob = await asyncio.to_thread(self.wire.encode_delta, delta)
         content_hash = self.host.provide_blob(blob)
-        weight = float(getattr(self.learner, "samples_since_merge", 1.0) or 1.0)
+        # Averaging weight: groups trained on since the last merge (DiLoCo weights by samples processed).
+        weight = float(max(1, self._samples_since_merge))
         manifest = self.wire.round_manifest(
             round=rnd,
             author=self.me,
@@ -370,6 +391,8 @@ class Node:
         self.stats.round = rnd
         self.stats.merges += 1
         self.stats.merge_contributors = len(ordered)
+        self._samples_since_merge = 0
+        self._refresh_snapshot()
         # Serve our blob until the next round: slower peers may still be fetching it.
         if self._served_blob:
             self.host.remove_blob(self._served_blob)
@@ -409,3 +432,56 @@ class Node:
         if aggregate is None:
             from swarmnode.aggregate import robust_mean as aggregate
         self.merger.outer_step(aggregate(contributions))
+
+    # -- joiners -----------------------------------------------------------------------------------
+
+    def _refresh_snapshot(self) -> None:
+        assert self.merger is not None
+        snap = Snapshot(
+            round=self.stats.round,
+            step=self.stats.step,
+            anchor_hash=self.merger.anchor_hash(),
+            blob=self.merger.state_blob(),
+        )
+        self.state_server.update(snap)
+
+    async def _wait_first_peer(self, wait_s: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._cohort_seen.wait(), wait_s)
+
+    async def _maybe_catch_up(self) -> None:
+        """A fresh node, or one two or more rounds behind, loads the cohort state from a peer that
+        advertises a newer round; one round behind is ordinary skew and merges normally."""
+        assert self.merger is not None
+        peers = {p: presence for p, (_, presence) in self._peers.items()}
+        live = set(self.live_peers())
+        source = pick_source(peers, self.stats.round, self.cohort, live.__contains__)
+        if source is None:
+            return
+        peer_round = int(peers[source].round)
+        fresh = self.stats.step == 0 and self.stats.round == 0
+        if not (fresh or peer_round >= self.stats.round + 2):
+            return
+        t0 = self.clock()
+        try:
+            manifest, blob = await asyncio.wait_for(
+                fetch_state(
+                    self.host, self.wire, source, self.cohort, max_bytes=self.settings.max_blob_bytes
+                ),
+                timeout=max(self.settings.collect_seconds, 1.0) * 4,
+            )
+        except (TimeoutError, CatchupError, ValueError, OSError) as exc:
+            log.warning("catch-up from %s failed: %s", source, exc)
+            return
+        finally:
+            self.stats.blocked_on_network_s += self.clock() - t0
+        await asyncio.to_thread(self.merger.load_state_blob, blob)
+        if self.merger.anchor_hash() != manifest.anchor_hash:
+            log.warning("state from %s loaded but its anchor hash differs from the manifest", source)
+        self.stats.round = int(manifest.round)
+        self.stats.step = int(manifest.step)
+        self.stats.catchups += 1
+        self._samples_since_merge = 0
+        self._rounds = {r: v for r, v in self._rounds.items() if r > self.stats.round}
+        self._refresh_snapshot()
+        log.info("caught up from %s: round %d step %d", source, manifest.round, manifest.step)

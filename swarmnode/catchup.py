@@ -1,0 +1,101 @@
+"""Catch-up for joiners over ``/swarmnode/state/1.0.0``.
+
+A late joiner asks a peer that advertises a newer round for the cohort's state. The request carries
+the joiner's cohort fingerprint; the answer is a small state manifest (round, step, content hash,
+size, anchor hash). The state itself (weights + DiLoCo outer state) is served as a content-addressed
+blob and pulled over the blob stream, then hash-checked before anything is loaded: a peer can make
+us wait, never make us load bytes it did not announce.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+STATE_PROTOCOL = "/swarmnode/state/1.0.0"
+
+
+class CatchupError(RuntimeError):
+    """The peer could not give us a usable state (wrong cohort, hash mismatch, nothing to serve)."""
+
+
+@dataclass(slots=True)
+class Snapshot:
+    round: int
+    step: int
+    anchor_hash: str
+    blob: bytes
+
+
+class StateServer:
+    """Serves the newest snapshot; the node refreshes it after every merge (blob kept until replaced,
+    so a joiner fetching while we merge still gets a consistent state)."""
+
+    def __init__(self, host: Any, wire: Any, cohort: str) -> None:
+        self.host = host
+        self.wire = wire
+        self.cohort = cohort
+        self._snapshot: Snapshot | None = None
+        self._hash = ""
+        self.served = 0
+
+    def update(self, snapshot: Snapshot) -> None:
+        old = self._hash
+        self._hash = self.host.provide_blob(snapshot.blob)
+        self._snapshot = snapshot
+        if old and old != self._hash:
+            self.host.remove_blob(old)
+
+    async def handle(self, peer_id: Any, data: bytes) -> bytes:
+        cohort = data.decode("ascii", errors="replace")
+        snap = self._snapshot
+        if snap is None or cohort != self.cohort:
+            # An empty answer is "nothing for you": the joiner tries another peer.
+            return b""
+        self.served += 1
+        manifest = self.wire.state_manifest(
+            cohort=self.cohort,
+            round=snap.round,
+            step=snap.step,
+            content_hash=self._hash,
+            size=len(snap.blob),
+            anchor_hash=snap.anchor_hash,
+        )
+        return self.wire.encode(manifest)
+
+
+async def fetch_state(
+    host: Any, wire: Any, peer_id: Any, cohort: str, *, max_bytes: int
+) -> tuple[Any, bytes]:
+    """(state manifest, verified blob) from ``peer_id``; raises ``CatchupError``."""
+    answer = await host.request(peer_id, STATE_PROTOCOL, cohort.encode("ascii"))
+    if not answer:
+        raise CatchupError(f"peer {peer_id} has no state for cohort {cohort[:12]}")
+    manifest = wire.decode(answer)
+    if wire.kind(manifest) != "state" or manifest.cohort != cohort:
+        raise CatchupError(f"peer {peer_id} answered with a state for another cohort")
+    if manifest.size > max_bytes:
+        raise CatchupError(f"peer {peer_id} offers a {manifest.size}-byte state, over {max_bytes}")
+    blob = await host.fetch(manifest.content_hash, [peer_id], max_size=manifest.size)
+    if hashlib.sha256(blob).hexdigest() != manifest.content_hash or len(blob) != manifest.size:
+        raise CatchupError(f"state from {peer_id} does not match its manifest hash")
+    return manifest, blob
+
+
+def pick_source(
+    peers: dict[str, Any], my_round: int, cohort: str, is_live: Callable[[str], bool]
+) -> str | None:
+    """The live cohort peer advertising the newest round ahead of ours (ties: lowest id, deterministic)."""
+    best: tuple[int, str] | None = None
+    for peer, presence in peers.items():
+        if presence is None or getattr(presence, "cohort", None) != cohort or not is_live(peer):
+            continue
+        rnd = int(getattr(presence, "round", 0))
+        if rnd > my_round and (best is None or (-rnd, peer) < (-best[0], best[1])):
+            best = (rnd, peer)
+    return None if best is None else best[1]
