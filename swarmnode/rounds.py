@@ -1,0 +1,126 @@
+"""Coordinator-free round identification.
+
+Every node knows the swarm's genesis time and round length (both part of the shared swarm config),
+so round ids are a pure function of the wall clock: no leader, no election, no round-start message.
+A round r spans ``[round_start(r), round_start(r+1))``; its collection window closes at
+``deadline(r) = round_start(r) + collect_seconds`` — contributions that arrive later are left out so
+a node never waits on a slow or dead peer. Clocks are injectable so tests use a fake one.
+
+``StepRounds`` is the step-based variant (round = step // H) for swarms that merge every H inner
+steps; there only the collection deadline is a wall-clock quantity.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import math
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+__all__ = ["RoundClock", "StepRounds", "genesis_from_swarm_id"]
+
+Clock = Callable[[], float]
+Sleep = Callable[[float], Awaitable[None]]
+
+# Derived genesis times fall inside the last day before this epoch second, so every node derives the
+# same genesis from the swarm id alone and it always lies in the past.
+_GENESIS_EPOCH = 1_700_000_000.0
+
+
+def genesis_from_swarm_id(swarm_id: str) -> float:
+    """A genesis time every node derives from the swarm id alone (sha256 → offset within a day)."""
+    if not swarm_id:
+        raise ValueError("swarm_id must be non-empty")
+    offset = int.from_bytes(hashlib.sha256(swarm_id.encode()).digest()[:8], "big") % 86_400
+    return _GENESIS_EPOCH - float(offset)
+
+
+@dataclass(kw_only=True, slots=True)
+class RoundClock:
+    """Round ids from wall-clock time: round r starts at genesis + r·round_seconds."""
+
+    genesis: float
+    round_seconds: float
+    collect_seconds: float
+    clock: Clock = time.time  # wall clock: rounds must agree across machines, monotonic clocks don't
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.genesis):
+            raise ValueError(f"genesis must be a finite unix time, got {self.genesis}")
+        if not (math.isfinite(self.round_seconds) and self.round_seconds > 0):
+            raise ValueError(f"round_seconds must be > 0, got {self.round_seconds}")
+        if not (math.isfinite(self.collect_seconds) and 0 < self.collect_seconds <= self.round_seconds):
+            raise ValueError(
+                f"collect_seconds must be in (0, round_seconds={self.round_seconds}], got {self.collect_seconds}"
+            )
+
+    def round_at(self, t: float) -> int:
+        """The round containing time ``t`` (negative before genesis)."""
+        return math.floor((t - self.genesis) / self.round_seconds)
+
+    def current(self) -> int:
+        return self.round_at(self.clock())
+
+    def round_start(self, r: int) -> float:
+        return self.genesis + r * self.round_seconds
+
+    def round_end(self, r: int) -> float:
+        return self.round_start(r + 1)
+
+    def deadline(self, r: int) -> float:
+        """When collection for round r closes."""
+        return self.round_start(r) + self.collect_seconds
+
+    def on_time(self, r: int, t: float) -> bool:
+        """Whether a contribution for round r that arrived at ``t`` counts (inside r, not past the
+        deadline). Early ones (for a round not yet started) are refused too: a fast clock or a replay."""
+        return self.round_start(r) <= t <= self.deadline(r)
+
+    def seconds_until(self, t: float) -> float:
+        return max(0.0, t - self.clock())
+
+    async def wait_round_end(self, r: int, *, sleep: Sleep = asyncio.sleep) -> int:
+        """Sleep until round r is over; returns the round now running. Bounded: it sleeps at most
+        until ``round_end(r)`` as measured by ``clock`` (re-checked, since sleeps can undershoot)."""
+        for _ in range(1000):
+            remaining = self.round_end(r) - self.clock()
+            if remaining <= 0:
+                break
+            await sleep(remaining)
+        return self.current()
+
+    async def wait_deadline(self, r: int, *, sleep: Sleep = asyncio.sleep) -> None:
+        """Sleep until collection for round r has closed."""
+        for _ in range(1000):
+            remaining = self.deadline(r) - self.clock()
+            if remaining <= 0:
+                return
+            await sleep(remaining)
+
+
+@dataclass(kw_only=True, slots=True)
+class StepRounds:
+    """Round = step // H: a merge after every H inner steps, collection bounded by ``collect_seconds``
+    measured from when this node published its own contribution."""
+
+    inner_steps: int
+    collect_seconds: float
+
+    def __post_init__(self) -> None:
+        if self.inner_steps < 1:
+            raise ValueError(f"inner_steps must be >= 1, got {self.inner_steps}")
+        if not (math.isfinite(self.collect_seconds) and self.collect_seconds > 0):
+            raise ValueError(f"collect_seconds must be > 0, got {self.collect_seconds}")
+
+    def round_of(self, step: int) -> int:
+        """Round that step ``step`` (1-based count of finished inner steps) belongs to."""
+        return (step - 1) // self.inner_steps if step > 0 else 0
+
+    def is_merge_step(self, step: int) -> bool:
+        """True after the last inner step of a round."""
+        return step > 0 and step % self.inner_steps == 0
+
+    def deadline(self, published_at: float) -> float:
+        return published_at + self.collect_seconds
