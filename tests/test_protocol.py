@@ -465,6 +465,28 @@ def test_declared_lengths_beyond_caps_do_not_allocate() -> None:
             codec.decode(data)
 
 
+def test_container_flood_stopped_during_unpacking() -> None:
+    # 512 KiB of empty arrays would expand ~60x in Python; the budget stops it part way.
+    flood = b"\x81\xa1x\xdd\x00\x00\x00\x78" + (b"\xdc\x10\x00" + b"\x90" * 4096) * 120
+    with pytest.raises(ProtocolError, match="more than one array or map per 8 bytes"):
+        codec.decode(flood, r.RolloutBatch)
+
+
+def test_densest_valid_batch_is_within_container_budget() -> None:
+    empty = r.Completion(text="", token_ids=[], logprobs=[], reward=0.0)
+    group = r.RolloutGroup(task=r.TaskRef(family="a", seed=0, index=0), completions=[empty] * 64)
+    dense = r.RolloutBatch(author="1", cohort="deadbeef", policy_step=0, created_at=0.0, groups=[group] * 40)
+    assert codec.decode(codec.encode(dense)) == dense
+    demo = r.DemoComponents(
+        author="1",
+        cohort="deadbeef",
+        step=0,
+        lr=0.0,
+        tensors=[tensor(name=str(i), payload=b"") for i in range(500)],
+    )
+    assert codec.decode(codec.encode(demo)) == demo
+
+
 def test_ext_types_and_non_string_keys_rejected() -> None:
     w = wire(manifest())
     packed = msgpack.packb({**w, "x": msgpack.ExtType(1, b"ab")}, use_bin_type=True)
@@ -487,9 +509,12 @@ def test_encode_refuses_oversized_and_foreign_values() -> None:
         codec.encode({"kind": "presence"})
 
 
-def test_decode_requires_bytes() -> None:
+def test_decode_requires_bytes_and_a_record_type() -> None:
     with pytest.raises(ProtocolError, match="expected bytes, got str"):
         codec.decode("hello")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="must be a protocol record type"):
+        codec.decode(codec.encode(manifest()), dict)
+    assert codec.decode(bytearray(codec.encode(manifest()))) == manifest()
 
 
 # ---- topics -------------------------------------------------------------------------------------
