@@ -160,6 +160,9 @@ async def open_trio_bridge(
         try:
             trio.run(trio_main)
         except BaseException as exc:  # reported through the futures below
+            # Trio wraps a start-up failure (e.g. the port is taken) in a one-element group; show the cause.
+            while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+                exc = exc.exceptions[0]
             if not ready.done():
                 ready.set_exception(exc)
             else:
