@@ -2,7 +2,7 @@
 
 from swarmnode.protocol import codec, limits, topics
 from swarmnode.protocol.codec import decode, encode
-from swarmnode.protocol.errors import ProtocolError
+from swarmnode.protocol.errors import MessageTooLarge, ProtocolError
 from swarmnode.protocol.records import (
     PROTOCOL_VERSION,
     BlobRequest,
@@ -27,6 +27,7 @@ __all__ = [
     "BlobResponse",
     "Completion",
     "DemoComponents",
+    "MessageTooLarge",
     "Presence",
     "ProtocolError",
     "RolloutBatch",

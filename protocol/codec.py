@@ -24,7 +24,7 @@ from typing import Any, Literal, TypeVar, overload
 
 import msgpack
 from swarmnode.protocol import limits
-from swarmnode.protocol.errors import ProtocolError
+from swarmnode.protocol.errors import MessageTooLarge, ProtocolError
 from swarmnode.protocol.records import PROTOCOL_VERSION, RECORDS_BY_KIND
 
 R = TypeVar("R")
@@ -257,7 +257,7 @@ def encode(record: Any) -> bytes:
     except (TypeError, ValueError, OverflowError) as e:
         raise ProtocolError(f"cannot encode {cls.__name__}: {e}") from e
     if len(data) > cls.MAX_BYTES:  # type: ignore[attr-defined]
-        raise ProtocolError(
+        raise MessageTooLarge(
             f"cannot encode: {cls.__name__} is {len(data)} bytes, over its limit of "
             f"{cls.MAX_BYTES}; split it or send it as a blob"  # type: ignore[attr-defined]
         )
@@ -277,7 +277,7 @@ def decode(data: bytes, expected: type[Any] | None = None) -> Any:
     cap = limits.MAX_MESSAGE_BYTES if expected is None else expected.MAX_BYTES
     name = "message" if expected is None else expected.__name__
     if len(data) > cap:
-        raise ProtocolError(f"{name}: {len(data)} bytes, over the limit of {cap}")
+        raise MessageTooLarge(f"{name}: {len(data)} bytes, over the limit of {cap}")
     try:
         # max_bin_len: a bin can never be longer than the message it arrived in.
         budget = _ContainerBudget(len(data))
@@ -298,7 +298,7 @@ def decode(data: bytes, expected: type[Any] | None = None) -> Any:
     if expected is not None and cls is not expected:
         raise ProtocolError(f"{name}.kind: expected {expected.KIND!r}, got {kind!r}")
     if len(data) > cls.MAX_BYTES:
-        raise ProtocolError(f"{cls.__name__}: {len(data)} bytes, over the limit of {cls.MAX_BYTES}")
+        raise MessageTooLarge(f"{cls.__name__}: {len(data)} bytes, over the limit of {cls.MAX_BYTES}")
     version = _version(obj, cls.__name__)
     try:
         return _record(cls, obj, cls.__name__, version)

@@ -442,7 +442,7 @@ def test_oversized_input_rejected_before_unpacking(monkeypatch: pytest.MonkeyPat
         return real_unpackb(data, **kw)
 
     monkeypatch.setattr(codec.msgpack, "unpackb", counting_unpackb)
-    with pytest.raises(ProtocolError, match="over the limit of 1024"):
+    with pytest.raises(protocol.MessageTooLarge, match="over the limit of 1024"):
         codec.decode(b"\x80" * (limits.MAX_BLOB_REQUEST_BYTES + 1), r.BlobRequest)
     with pytest.raises(ProtocolError, match="over the limit"):
         codec.decode(b"\x80" * (limits.MAX_MESSAGE_BYTES + 1))
@@ -499,7 +499,9 @@ def test_ext_types_and_non_string_keys_rejected() -> None:
 def test_encode_refuses_oversized_and_foreign_values() -> None:
     big = [completion(text="x" * 16_000, token_ids=[], logprobs=[])] * 64
     group = r.RolloutGroup(task=r.TaskRef(family="add", seed=0, index=0), completions=big)
-    with pytest.raises(ProtocolError, match="over its limit of 524288; split it or send it as a blob"):
+    with pytest.raises(
+        protocol.MessageTooLarge, match="over its limit of 524288; split it or send it as a blob"
+    ):
         codec.encode(batch(groups=[group]))
     with pytest.raises(
         ProtocolError, match=r"cannot encode: RolloutBatch\.policy_step: expected int, got float"
