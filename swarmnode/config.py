@@ -1,0 +1,436 @@
+"""Node configuration: one typed ``NodeConfig`` assembled from a TOML file and CLI flags (flags win).
+
+Layout of the TOML file (every key optional; unknown keys are errors, so typos never pass silently)::
+
+    [swarm]      id, genesis
+    [network]    data_dir, listen_host, port, bootstrap, target_peers
+    [model]      model, engine, device, dtype
+    [task]       family, seed
+    [train]      optimizer, steps, duration_s, eval_every, group_size, local_groups, external_groups,
+                 lr, max_new_tokens, temperature, staleness_steps, share_rollouts
+    [demo]       topk, chunk, use_dct, value_codec, gossip
+    [diloco]     enabled, inner_steps, round_seconds, outer_lr, momentum, collect_seconds
+    [checkpoint] every, keep
+    [telemetry]  metrics, mqtt
+
+Each section validates itself in ``__post_init__`` (ValueError naming the field and the allowed
+range); ``load_config`` turns that into ``ConfigError`` naming the file and the ``section.key``.
+Optional values (``swarm.genesis``, ``train.steps``, ``telemetry.mqtt``...) are unset by leaving them
+out; TOML has no null, so the string ``"none"`` also unsets them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import re
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+__all__ = [
+    "CheckpointSection",
+    "ConfigError",
+    "DemoSection",
+    "DilocoSection",
+    "ModelSection",
+    "NetworkSection",
+    "NodeConfig",
+    "SwarmSection",
+    "TaskSection",
+    "TelemetrySection",
+    "TrainSection",
+    "add_config_arguments",
+    "config_from_args",
+    "load_config",
+]
+
+
+class ConfigError(ValueError):
+    """A bad configuration value from a file or a flag; the message names where and what is allowed."""
+
+
+def _range(name: str, value: float, lo: float | None = None, hi: float | None = None) -> None:
+    ok = isinstance(value, int | float) and math.isfinite(value)
+    ok = ok and (lo is None or value >= lo) and (hi is None or value <= hi)
+    if not ok:
+        lo_s = "-inf" if lo is None else lo
+        hi_s = "inf" if hi is None else hi
+        raise ValueError(f"{name} must be in [{lo_s}, {hi_s}], got {value!r}")
+
+
+@dataclass(kw_only=True, slots=True)
+class SwarmSection:
+    id: str = "default"  # topic namespace; shared by every member
+    genesis: float | None = None  # unix time of round 0; None: derived from the id (rounds.py)
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[a-z0-9-]{1,64}", self.id):
+            raise ValueError(f"id must be 1-64 characters from a-z, 0-9 and '-', got {self.id!r}")
+        if self.genesis is not None:
+            _range("genesis", self.genesis, 0.0)
+
+
+@dataclass(kw_only=True, slots=True)
+class NetworkSection:
+    data_dir: Path = Path("swarmnode-data")
+    listen_host: str = "0.0.0.0"
+    port: int = 0  # 0: any free port
+    bootstrap: list[str] = field(default_factory=list)  # multiaddrs ending in /p2p/<peer id>
+    target_peers: int = 8
+
+    def __post_init__(self) -> None:
+        _range("port", self.port, 0, 65535)
+        _range("target_peers", self.target_peers, 1, 1000)
+        if not self.listen_host:
+            raise ValueError("listen_host must be non-empty")
+        for addr in self.bootstrap:
+            if not addr.startswith("/"):
+                raise ValueError(f"bootstrap entries must be multiaddrs starting with '/', got {addr!r}")
+
+
+@dataclass(kw_only=True, slots=True)
+class ModelSection:
+    model: str = "tiny"  # a local HF model dir, a hub id (already cached), or "tiny" (built locally)
+    engine: Literal["hf", "vllm"] = "hf"
+    device: str = "cpu"
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ValueError("model must be non-empty (a path, a hub id or 'tiny')")
+
+
+@dataclass(kw_only=True, slots=True)
+class TaskSection:
+    family: str = "add"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.family:
+            raise ValueError("family must be non-empty")
+        _range("seed", self.seed, 0, 2**63 - 1)
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainSection:
+    optimizer: Literal["adamw", "demo"] = "adamw"
+    steps: int | None = None  # None: run until stopped
+    duration_s: float | None = None  # None: no wall-clock limit
+    eval_every: int = 5
+    group_size: int = 8
+    local_groups: int = 4
+    external_groups: int = 4
+    lr: float = 1e-5
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    staleness_steps: int = 4
+    share_rollouts: bool = True
+
+    def __post_init__(self) -> None:
+        if self.steps is not None:
+            _range("steps", self.steps, 1)
+        if self.duration_s is not None:
+            _range("duration_s", self.duration_s, 0.0)
+        _range("eval_every", self.eval_every, 1)
+        _range("group_size", self.group_size, 2, 1024)  # GRPO advantages need >= 2 samples
+        _range("local_groups", self.local_groups, 0, 4096)
+        _range("external_groups", self.external_groups, 0, 4096)
+        if self.local_groups + self.external_groups == 0:
+            raise ValueError("local_groups + external_groups must be >= 1")
+        _range("lr", self.lr, 0.0, 1.0)
+        if self.lr == 0:
+            raise ValueError("lr must be > 0")
+        _range("max_new_tokens", self.max_new_tokens, 1, 32768)
+        _range("temperature", self.temperature, 0.0, 10.0)
+        _range("staleness_steps", self.staleness_steps, 0, 1_000_000)
+
+
+@dataclass(kw_only=True, slots=True)
+class DemoSection:
+    topk: int = 32
+    chunk: int = 64
+    use_dct: bool = True
+    value_codec: Literal["int8", "sign", "fp16"] = "int8"
+    gossip: bool = True
+
+    def __post_init__(self) -> None:
+        _range("chunk", self.chunk, 2, 4096)
+        _range("topk", self.topk, 1, self.chunk * self.chunk)
+
+
+@dataclass(kw_only=True, slots=True)
+class DilocoSection:
+    enabled: bool = False
+    inner_steps: int = 50  # H: inner steps per round (step-based rounds)
+    round_seconds: float | None = None  # set: wall-clock rounds from the swarm genesis instead of H
+    outer_lr: float = 0.7  # DiLoCo / PRIME values
+    momentum: float = 0.9
+    collect_seconds: float = 10.0  # how long a round waits for peers' pseudo-gradients at most
+
+    def __post_init__(self) -> None:
+        _range("inner_steps", self.inner_steps, 1)
+        if self.round_seconds is not None:
+            _range("round_seconds", self.round_seconds, 1e-3)
+            if self.collect_seconds > self.round_seconds:
+                raise ValueError(
+                    f"collect_seconds must be <= round_seconds ({self.round_seconds}), got {self.collect_seconds}"
+                )
+        _range("outer_lr", self.outer_lr, 1e-6, 10.0)
+        _range("momentum", self.momentum, 0.0, 0.999)
+        _range("collect_seconds", self.collect_seconds, 1e-3, 3600.0)
+
+
+@dataclass(kw_only=True, slots=True)
+class CheckpointSection:
+    every: int = 50  # steps; 0 disables checkpoints
+    keep: int = 3
+
+    def __post_init__(self) -> None:
+        _range("every", self.every, 0)
+        _range("keep", self.keep, 1, 1000)
+
+
+@dataclass(kw_only=True, slots=True)
+class TelemetrySection:
+    metrics: Path | None = None  # JSONL path; None: <data_dir>/metrics.jsonl is the daemon's choice
+    mqtt: str | None = None  # mqtt://host:port/prefix; None: telemetry off (NullSink)
+
+    def __post_init__(self) -> None:
+        if self.mqtt is not None and not re.fullmatch(r"mqtts?://[^/:]+(:\d+)?(/.*)?", self.mqtt):
+            raise ValueError(f"mqtt must look like mqtt://host:port/prefix, got {self.mqtt!r}")
+
+
+@dataclass(kw_only=True, slots=True)
+class NodeConfig:
+    swarm: SwarmSection = field(default_factory=SwarmSection)
+    network: NetworkSection = field(default_factory=NetworkSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    task: TaskSection = field(default_factory=TaskSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    demo: DemoSection = field(default_factory=DemoSection)
+    diloco: DilocoSection = field(default_factory=DilocoSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    telemetry: TelemetrySection = field(default_factory=TelemetrySection)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """Plain values (paths as strings), e.g. for the run's metrics header."""
+        out: dict[str, dict[str, Any]] = {}
+        for f in dataclasses.fields(self):
+            sec = getattr(self, f.name)
+            out[f.name] = {
+                k.name: str(v) if isinstance(v, Path) else v
+                for k in dataclasses.fields(sec)
+                for v in [getattr(sec, k.name)]
+            }
+        return out
+
+
+# -- loading ------------------------------------------------------------------------------------
+
+_SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(NodeConfig)}  # type: ignore[misc]
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _describe(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        return " or ".join(_describe(a) for a in typing.get_args(tp) if a is not type(None)) + " (or 'none')"
+    if typing.get_origin(tp) is list:
+        return "a list of strings"
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string", Path: "a path"}.get(
+        tp, str(tp)
+    )
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    """Check ``value`` against the field type; raise TypeError (with what was expected) if it fails."""
+    origin = typing.get_origin(tp)
+    if isinstance(tp, types.UnionType) or origin is typing.Union:
+        args = typing.get_args(tp)
+        if type(None) in args and (value is None or (isinstance(value, str) and value.lower() == "none")):
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner)
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise TypeError(_describe(tp))
+    if origin is list:
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return list(value)
+        raise TypeError(_describe(tp))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif tp is Path and isinstance(value, str | Path) and str(value):
+        return Path(value)
+    raise TypeError(_describe(tp))
+
+
+def _resolve_key(key: str) -> tuple[str, str]:
+    """``section.key`` as is; a bare key if exactly one section has it."""
+    if "." in key:
+        sec, _, name = key.partition(".")
+        return sec, name
+    owners = [s for s, cls in _SECTIONS.items() if key in _hints(cls)]
+    if len(owners) != 1:
+        raise KeyError(key)
+    return owners[0], key
+
+
+def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> NodeConfig:
+    """Defaults ← TOML file ← ``overrides`` (``{"train.lr": 1e-5, ...}``; None values are ignored)."""
+    where = str(path) if path is not None else "<defaults>"
+    raw: dict[str, dict[str, Any]] = {s: {} for s in _SECTIONS}
+    origin: dict[tuple[str, str], str] = {}  # where each value came from, for error messages
+    if path is not None:
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except OSError as e:
+            raise ConfigError(f"{where}: cannot read config file: {e.strerror}") from e
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{where}: not valid TOML: {e}") from e
+        for sec, body in data.items():
+            if sec not in _SECTIONS:
+                raise ConfigError(f"{where}: unknown section [{sec}] (allowed: {', '.join(_SECTIONS)})")
+            if not isinstance(body, dict):
+                raise ConfigError(f"{where}: {sec} must be a [section] table")
+            raw[sec].update(body)
+            origin.update({(sec, k): where for k in body})
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        try:
+            sec, name = _resolve_key(key)
+        except KeyError:
+            raise ConfigError(f"command line: unknown or ambiguous setting {key!r}") from None
+        if sec not in _SECTIONS:
+            raise ConfigError(f"command line: unknown section in {key!r} (allowed: {', '.join(_SECTIONS)})")
+        raw[sec][name] = value
+        origin[(sec, name)] = "command line"
+    sections: dict[str, Any] = {}
+    for sec, cls in _SECTIONS.items():
+        hints = _hints(cls)
+        kwargs: dict[str, Any] = {}
+        for name, value in raw[sec].items():
+            src = origin.get((sec, name), where)
+            if name not in hints:
+                raise ConfigError(f"{src}: unknown key {sec}.{name} (allowed: {', '.join(hints)})")
+            try:
+                kwargs[name] = _coerce(value, hints[name])
+            except TypeError as e:
+                raise ConfigError(f"{src}: {sec}.{name} must be {e}, got {value!r}") from None
+        try:
+            sections[sec] = cls(**kwargs)
+        except ValueError as e:
+            # the section names its field; say which sources fed the section
+            srcs = sorted({origin[(sec, n)] for n in raw[sec]}) or [where]
+            raise ConfigError(f"{' + '.join(srcs)}: {sec}.{e}") from None
+    return NodeConfig(**sections)
+
+
+# -- command line -------------------------------------------------------------------------------
+
+# flag -> (setting, argparse options). Flags default to None so only the ones given override the file.
+_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
+    ("--swarm", "swarm.id", {"help": "swarm id (topic namespace)"}),
+    ("--genesis", "swarm.genesis", {"type": float, "help": "unix time of round 0"}),
+    ("--data-dir", "network.data_dir", {"help": "identity, checkpoints, metrics"}),
+    ("--host", "network.listen_host", {"help": "listen address"}),
+    ("--port", "network.port", {"type": int, "help": "TCP port (0: any free one)"}),
+    ("--target-peers", "network.target_peers", {"type": int}),
+    ("--model", "model.model", {"help": "model dir, hub id or 'tiny'"}),
+    ("--engine", "model.engine", {"choices": ["hf", "vllm"]}),
+    ("--device", "model.device", {}),
+    ("--dtype", "model.dtype", {"choices": ["float32", "bfloat16", "float16"]}),
+    ("--family", "task.family", {"help": "task family"}),
+    ("--seed", "task.seed", {"type": int}),
+    ("--optimizer", "train.optimizer", {"choices": ["adamw", "demo"]}),
+    ("--steps", "train.steps", {"type": int, "help": "training steps (0: until stopped)"}),
+    ("--duration", "train.duration_s", {"type": float, "help": "seconds to run (0: no limit)"}),
+    ("--eval-every", "train.eval_every", {"type": int}),
+    ("--group-size", "train.group_size", {"type": int}),
+    ("--local-groups", "train.local_groups", {"type": int}),
+    ("--external-groups", "train.external_groups", {"type": int}),
+    ("--lr", "train.lr", {"type": float}),
+    ("--max-new-tokens", "train.max_new_tokens", {"type": int}),
+    ("--temperature", "train.temperature", {"type": float}),
+    ("--staleness-steps", "train.staleness_steps", {"type": int}),
+    ("--share-rollouts", "train.share_rollouts", {"action": argparse.BooleanOptionalAction}),
+    ("--topk", "demo.topk", {"type": int}),
+    ("--chunk", "demo.chunk", {"type": int}),
+    ("--dct", "demo.use_dct", {"action": argparse.BooleanOptionalAction}),
+    ("--value-codec", "demo.value_codec", {"choices": ["int8", "sign", "fp16"]}),
+    ("--gossip", "demo.gossip", {"action": argparse.BooleanOptionalAction}),
+    ("--diloco", "diloco.enabled", {"action": argparse.BooleanOptionalAction}),
+    ("--inner-steps", "diloco.inner_steps", {"type": int, "help": "H inner steps per round"}),
+    ("--round-seconds", "diloco.round_seconds", {"type": float}),
+    ("--outer-lr", "diloco.outer_lr", {"type": float}),
+    ("--outer-momentum", "diloco.momentum", {"type": float}),
+    ("--collect-seconds", "diloco.collect_seconds", {"type": float}),
+    ("--checkpoint-every", "checkpoint.every", {"type": int}),
+    ("--checkpoint-keep", "checkpoint.keep", {"type": int}),
+    ("--metrics", "telemetry.metrics", {"help": "metrics JSONL path"}),
+    ("--mqtt", "telemetry.mqtt", {"help": "mqtt://host:port/prefix ('none': off)"}),
+]
+
+
+def _dest(setting: str) -> str:
+    return "cfg_" + setting.replace(".", "_")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--config FILE`` plus one flag per commonly changed setting (flags win over the file)."""
+    parser.add_argument("--config", type=Path, default=None, help="TOML config file")
+    parser.add_argument(
+        "--listen", default=None, help="listen multiaddr, e.g. /ip4/127.0.0.1/tcp/0 (sets --host/--port)"
+    )
+    parser.add_argument("--bootstrap", action="append", default=None, help="bootstrap multiaddr (repeatable)")
+    for flag, setting, opts in _FLAGS:
+        parser.add_argument(flag, dest=_dest(setting), default=None, **opts)
+
+
+def _parse_listen(addr: str) -> tuple[str, int]:
+    m = re.fullmatch(r"/ip[46]/([^/]+)/tcp/(\d+)", addr)
+    if not m:
+        raise ConfigError(f"command line: --listen must look like /ip4/HOST/tcp/PORT, got {addr!r}")
+    return m.group(1), int(m.group(2))
+
+
+def config_from_args(args: argparse.Namespace) -> NodeConfig:
+    """The ``NodeConfig`` for parsed flags from ``add_config_arguments``."""
+    overrides: dict[str, Any] = {}
+    listen = getattr(args, "listen", None)
+    if listen:
+        overrides["network.listen_host"], overrides["network.port"] = _parse_listen(listen)
+    if getattr(args, "bootstrap", None):
+        overrides["network.bootstrap"] = [a for a in args.bootstrap if a]
+    for _flag, setting, _opts in _FLAGS:
+        value = getattr(args, _dest(setting), None)
+        if value is None:
+            continue
+        if setting == "train.steps" and value == 0:
+            value = "none"  # 0 on the command line: until stopped
+        if setting == "train.duration_s" and value == 0:
+            value = "none"
+        overrides[setting] = value
+    return load_config(getattr(args, "config", None), overrides)
