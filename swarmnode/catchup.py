@@ -99,3 +99,27 @@ def pick_source(
         if rnd > my_round and (best is None or (-rnd, peer) < (-best[0], best[1])):
             best = (rnd, peer)
     return None if best is None else best[1]
+
+
+def pick_majority_anchor(
+    peers: dict[str, Any], my_round: int, my_anchor: str, cohort: str, is_live: Callable[[str], bool]
+) -> tuple[str, str] | None:
+    """(peer to copy from, anchor hash) when this node's anchor lost the vote among cohort peers that
+    report the same round; None when ours is the winner.
+
+    Replicas diverge when they merged different sets of pseudo-gradients (one missed a manifest). The
+    rule is the same everywhere — most holders wins, ties go to the smallest hash — so every replica
+    converges on one anchor without coordination.
+    """
+    holders: dict[str, list[str]] = {my_anchor: []}
+    for peer, presence in peers.items():
+        if presence is None or getattr(presence, "cohort", None) != cohort or not is_live(peer):
+            continue
+        if int(getattr(presence, "round", -1)) != my_round or not getattr(presence, "anchor_hash", ""):
+            continue
+        holders.setdefault(presence.anchor_hash, []).append(peer)
+    counts = {h: len(p) + (1 if h == my_anchor else 0) for h, p in holders.items()}
+    winner = min(counts, key=lambda h: (-counts[h], h))
+    if winner == my_anchor:
+        return None
+    return sorted(holders[winner])[0], winner

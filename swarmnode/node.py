@@ -19,7 +19,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from swarmnode.catchup import STATE_PROTOCOL, CatchupError, Snapshot, StateServer, fetch_state, pick_source
+from swarmnode.catchup import (
+    STATE_PROTOCOL,
+    CatchupError,
+    Snapshot,
+    StateServer,
+    fetch_state,
+    pick_majority_anchor,
+    pick_source,
+)
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +49,13 @@ class NodeSettings:
     # A fresh node listens this long for a cohort peer's presence so a late joiner can load the
     # current state before its first step instead of training a stale replica.
     join_wait_s: float = 3.0
+    expect_peers: int = 1  # cohort peers to hear before the first step (bounded by join_wait_s)
     metrics_path: Path | None = None
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[a-z0-9-]{1,64}", self.swarm):
             raise ValueError(f"swarm must be 1-64 characters from a-z, 0-9 and '-', got {self.swarm!r}")
-        for name in ("steps", "eval_every", "merge_every"):
+        for name in ("steps", "eval_every", "merge_every", "expect_peers"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("duration_s", "collect_seconds", "join_wait_s", "presence_interval_s", "peer_timeout_s"):
@@ -127,6 +136,7 @@ class NodeStats:
     rejected_groups: int = 0
     merges: int = 0
     catchups: int = 0
+    heals: int = 0  # anchor re-synced from the majority after a divergent merge
     merge_contributors: int = 0
     last_reward: float = float("nan")
     last_eval: float = float("nan")
@@ -255,7 +265,7 @@ class Node:
         now = self.clock()
         if kind == "presence":
             self._peers[origin] = (now, record)
-            if getattr(record, "cohort", None) == self.cohort:
+            if len(self.cohort_peers()) >= self.settings.expect_peers:
                 self._cohort_seen.set()
         elif kind == "rollouts":
             if not self.settings.share_rollouts:
@@ -333,6 +343,8 @@ class Node:
             "external_groups": st.external_groups,
             "rejected_groups": st.rejected_groups,
             "merges": st.merges,
+            "heals": st.heals,
+            "catchups": st.catchups,
         }
         for key, value in metrics.items():
             row.setdefault(f"train/{key}", value)
@@ -456,11 +468,20 @@ class Node:
         peers = {p: presence for p, (_, presence) in self._peers.items()}
         live = set(self.live_peers())
         source = pick_source(peers, self.stats.round, self.cohort, live.__contains__)
+        target = ""
+        if source is not None:
+            peer_round = int(peers[source].round)
+            fresh = self.stats.step == 0 and self.stats.round == 0
+            if not (fresh or peer_round >= self.stats.round + 2):
+                source = None
+        if source is None and self.stats.merges:
+            vote = pick_majority_anchor(
+                peers, self.stats.round, self.merger.anchor_hash(), self.cohort, live.__contains__
+            )
+            if vote is None:
+                return
+            source, target = vote
         if source is None:
-            return
-        peer_round = int(peers[source].round)
-        fresh = self.stats.step == 0 and self.stats.round == 0
-        if not (fresh or peer_round >= self.stats.round + 2):
             return
         t0 = self.clock()
         try:
@@ -475,12 +496,16 @@ class Node:
             return
         finally:
             self.stats.blocked_on_network_s += self.clock() - t0
+        if target and manifest.anchor_hash != target:
+            return  # the peer moved on since its presence; the next presence decides again
         await asyncio.to_thread(self.merger.load_state_blob, blob)
+        self.stats.heals += 1 if target else 0
         if self.merger.anchor_hash() != manifest.anchor_hash:
             log.warning("state from %s loaded but its anchor hash differs from the manifest", source)
         self.stats.round = int(manifest.round)
-        self.stats.step = int(manifest.step)
-        self.stats.catchups += 1
+        if not target:  # a joiner adopts the cohort's step; a healed replica keeps its own count
+            self.stats.step = int(manifest.step)
+        self.stats.catchups += 0 if target else 1
         self._samples_since_merge = 0
         self._rounds = {r: v for r, v in self._rounds.items() if r > self.stats.round}
         self._refresh_snapshot()
