@@ -222,14 +222,20 @@ class NodeProcess:
                 return message
 
     def call(self, op: str, timeout: float = 30.0, **fields: Any) -> dict[str, Any]:
+        return self.reply(self.send(op, **fields), timeout)
+
+    def send(self, op: str, **fields: Any) -> int:
+        """Send a command without waiting; pass the returned id to `reply` (one outstanding at a time)."""
         self._next_id += 1
-        request_id = self._next_id
         assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps({"id": request_id, "op": op, **fields}) + "\n")
+        self.proc.stdin.write(json.dumps({"id": self._next_id, "op": op, **fields}) + "\n")
         self.proc.stdin.flush()
+        return self._next_id
+
+    def reply(self, request_id: int, timeout: float = 30.0) -> dict[str, Any]:
         reply = self._wait_for(lambda m: m.get("id") == request_id, timeout)
         if not reply["ok"]:
-            raise RuntimeError(f"{op} failed on node {self.proc.pid}: {reply['error']}")
+            raise RuntimeError(f"command {request_id} failed on node {self.proc.pid}: {reply['error']}")
         return reply
 
     def terminate(self, timeout: float = 5.0) -> tuple[int, float]:
