@@ -1,0 +1,82 @@
+"""Replay buffer of verified external rollout groups (SAPO), bounded per author and by staleness.
+
+Bounded per author so one chatty (or hostile) peer cannot crowd out everyone else; sampling draws an
+author-balanced-by-count uniform sample of the groups still fresh enough to learn from.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter, deque
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(kw_only=True, slots=True)
+class ReplayConfig:
+    per_author: int = 64
+    max_authors: int = 256
+    staleness_steps: int = 8
+
+    def __post_init__(self) -> None:
+        if self.per_author < 1:
+            raise ValueError(f"per_author: expected >= 1, got {self.per_author}")
+        if self.max_authors < 1:
+            raise ValueError(f"max_authors: expected >= 1, got {self.max_authors}")
+        if self.staleness_steps < 0:
+            raise ValueError(f"staleness_steps: expected >= 0, got {self.staleness_steps}")
+
+
+class ReplayBuffer:
+    """Groups carry ``source`` (author) and are stamped with the local step at which they arrived."""
+
+    def __init__(self, config: ReplayConfig | None = None) -> None:
+        self.config = config or ReplayConfig()
+        self._by_author: dict[str, deque[tuple[int, Any]]] = {}
+        self._counts: Counter[str] = Counter()
+
+    def __len__(self) -> int:
+        return sum(len(q) for q in self._by_author.values())
+
+    def add(self, groups: list[Any], step: int) -> None:
+        for g in groups:
+            author = str(getattr(g, "source", "unknown"))
+            q = self._by_author.get(author)
+            if q is None:
+                if len(self._by_author) >= self.config.max_authors:
+                    self._counts["dropped_too_many_authors"] += 1
+                    continue
+                q = self._by_author[author] = deque(maxlen=self.config.per_author)
+            if len(q) == q.maxlen:
+                self._counts["evicted"] += 1
+            q.append((step, g))
+            self._counts["added"] += 1
+
+    def _evict_stale(self, now_step: int) -> None:
+        bound = self.config.staleness_steps
+        for author in list(self._by_author):
+            q = self._by_author[author]
+            while q and now_step - q[0][0] > bound:
+                q.popleft()
+                self._counts["stale"] += 1
+            if not q:
+                del self._by_author[author]
+
+    def sample(self, j: int, now_step: int, rng: random.Random) -> list[Any]:
+        """Up to ``j`` distinct fresh groups, removed from the buffer (each group is learned from once)."""
+        self._evict_stale(now_step)
+        pool = [(a, i) for a, q in self._by_author.items() for i in range(len(q))]
+        picked = rng.sample(pool, min(j, len(pool)))
+        out = []
+        for author, i in sorted(picked, key=lambda t: (t[0], -t[1])):  # delete high indices first
+            q = self._by_author[author]
+            out.append(q[i][1])
+            del q[i]
+        for author in [a for a, q in self._by_author.items() if not q]:
+            del self._by_author[author]
+        self._counts["sampled"] += len(out)
+        rng.shuffle(out)
+        return out
+
+    def statistics(self) -> dict[str, int]:
+        return {"size": len(self), "authors": len(self._by_author), **self._counts}
