@@ -75,6 +75,9 @@ class Node:
         if op == "provide":
             data = os.urandom(int(cmd["size"]))
             return {"hash": self.host.provide_blob(data)}
+        if op == "remove":
+            self.host.remove_blob(cmd["hash"])
+            return {}
         if op == "fetch":
             start = time.perf_counter()
             data = await self.host.fetch(cmd["hash"], cmd["providers"], max_size=int(cmd["max_size"]))

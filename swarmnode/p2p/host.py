@@ -18,11 +18,11 @@ from libp2p import new_host
 from libp2p.custom_types import TProtocol
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.peer.id import ID
-from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.tools.anyio_service import background_trio_service
 
 from swarmnode.p2p.bridge import TrioBridge, open_trio_bridge
 from swarmnode.p2p.config import HostConfig, Message
+from swarmnode.p2p.dialer import Dialer
 from swarmnode.p2p.gossip import (
     SUBSCRIPTION_CHANNEL,
     DigestEquivocation,
@@ -49,10 +49,6 @@ log = logging.getLogger(__name__)
 
 MAX_REQUEST_BYTES = 16 << 20
 DEFAULT_MAX_RESPONSE_BYTES = 64 << 20
-DIAL_TIMEOUT_S = 3.0
-# Re-dial backoff: fast while a swarm forms, capped so a restarted bootstrap node is found within ~5 s.
-BACKOFF_MIN_S = 0.25
-BACKOFF_MAX_S = 5.0
 
 
 @dataclass(slots=True)
@@ -111,8 +107,7 @@ class Host:
         self._blobs = BlobStore(self._blob_stats)
         self._subs: dict[str, list[Subscription]] = {}
         self._validators: dict[str, list[Validator]] = {}
-        self._dial_stats = {"attempts": 0, "failures": 0, "dht_lookups": 0}
-        self._lookup_due = 0.0
+        self._dialer: Dialer | None = None
         self._requests = {"served": 0, "failed": 0, "sent": 0, "send_failed": 0}
 
     # -- gossip ----------------------------------------------------------------------------------------------
@@ -359,7 +354,7 @@ class Host:
             "pacing_timeouts": self._gossip.pacing_timeouts,
             "blobs": self._blob_stats.as_dict(),
             "requests": dict(self._requests),
-            "dial": dict(self._dial_stats),
+            "dial": self._dialer.statistics() if self._dialer else {},
         }
 
     # -- lifecycle (trio side) -------------------------------------------------------------------------------
@@ -381,60 +376,9 @@ class Host:
                     )
                     self.peer_id = host.get_id().to_base58()
                     self.listen_addrs = [_full_addr(a, self.peer_id) for a in host.get_addrs()]
-                    nursery.start_soon(self._dial_loop)
+                    self._dialer = Dialer(host, dht, self.config.bootstrap, self.config.target_peers)
+                    nursery.start_soon(self._dialer.run)
                     yield
-
-    async def _dial_loop(self) -> None:
-        """Keep dialing bootstrap (and DHT-discovered) peers while below target_peers; never give up."""
-        state = self._t()
-        me = state.host.get_id()
-        bootstrap = [info_from_p2p_addr(multiaddr.Multiaddr(a)) for a in self.config.bootstrap]
-        bootstrap = [b for b in bootstrap if b.peer_id != me]
-        backoff = BACKOFF_MIN_S
-        while True:
-            try:
-                backoff = await self._dial_round(state, me, bootstrap, backoff)
-            except Exception:
-                # The loop must never die: a node below target keeps trying for as long as it runs.
-                log.exception("peer dialing round failed; retrying")
-                backoff = BACKOFF_MAX_S
-            await trio.sleep(backoff)
-
-    async def _dial_round(self, state: _Trio, me: ID, bootstrap: list[PeerInfo], backoff: float) -> float:
-        """One round of dialing; returns how long to wait before the next one."""
-        before = set(state.host.get_connected_peers())
-        if len(before) >= self.config.target_peers:
-            return 1.0
-        candidates: dict[ID, PeerInfo] = {b.peer_id: b for b in bootstrap if b.peer_id not in before}
-        if state.dht is not None:
-            peerstore = state.host.get_peerstore()
-            with_addrs = set(peerstore.peers_with_addrs())
-            for pid in state.dht.routing_table.get_peer_ids():
-                if pid != me and pid not in before and pid not in candidates and pid in with_addrs:
-                    candidates[pid] = PeerInfo(pid, peerstore.addrs(pid))
-        room = self.config.target_peers - len(before)
-        async with trio.open_nursery() as dials:
-            for info in list(candidates.values())[: max(room, len(bootstrap))]:
-                dials.start_soon(self._dial, info)
-        if state.dht is not None and before and trio.current_time() >= self._lookup_due:
-            # A lookup of our own id returns the peers nearest to us and fills the routing table.
-            self._lookup_due = trio.current_time() + BACKOFF_MAX_S
-            self._dial_stats["dht_lookups"] += 1
-            with trio.move_on_after(DIAL_TIMEOUT_S), contextlib.suppress(Exception):
-                for pid in before:
-                    await state.dht.add_peer(pid)
-                await state.dht.peer_routing.find_closest_peers_network(me.to_bytes())
-        after = set(state.host.get_connected_peers())
-        return BACKOFF_MIN_S if after - before else min(backoff * 2, BACKOFF_MAX_S)
-
-    async def _dial(self, info: PeerInfo) -> None:
-        self._dial_stats["attempts"] += 1
-        try:
-            with trio.fail_after(DIAL_TIMEOUT_S):
-                await self._t().host.connect(info)
-        except Exception as exc:  # any dial failure is retried with backoff
-            self._dial_stats["failures"] += 1
-            log.debug("dial %s failed: %r", info.peer_id, exc)
 
     def _b(self) -> TrioBridge:
         if self._bridge is None:
