@@ -32,6 +32,7 @@ class SwarmPlan:
     out: Path = Path("runs/local-swarm")
     model: str = ""
     swarm: str = "local"
+    merge_every: int = 10  # DiLoCo round length H; 0: share rollouts only
     node_args: list[str] = field(default_factory=list)
     start_timeout_s: float = 120.0
     # After --duration, nodes get this long to finish their step and exit before being stopped.
@@ -111,6 +112,10 @@ def _node_command(plan: SwarmPlan, index: int, data_dir: Path, bootstrap: str) -
         cmd += ["--bootstrap", bootstrap]
     # Different sampling seeds per node: identical nodes would generate identical rollouts.
     cmd += ["--seed", str(index)]
+    if plan.merge_every:
+        cmd += ["--diloco", "--inner-steps", str(plan.merge_every)]
+    # Hear every other node before the first step, so round 1 already merges all of them.
+    cmd += ["--expect-peers", str(plan.nodes - 1), "--join-wait", "20"] if plan.nodes > 1 else []
     return cmd + plan.node_args
 
 
@@ -250,6 +255,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--model", default="", help="model dir or hub id (default: the locally built tiny model)"
     )
     parser.add_argument("--swarm", default="local", help="swarm name (topic namespace)")
+    parser.add_argument("--merge-every", type=int, default=10, help="DiLoCo round length in steps (0: none)")
     parser.add_argument(
         "node_args", nargs=argparse.REMAINDER, help="after --: extra flags passed to every `swarmnode run`"
     )
@@ -274,6 +280,7 @@ def main(args: argparse.Namespace) -> int:
             model=model,
             swarm=args.swarm,
             node_args=extra,
+            merge_every=args.merge_every,
         )
     except ValueError as exc:
         print(f"swarmnode local-swarm: {exc}", file=sys.stderr)
