@@ -54,8 +54,16 @@ def _reference(contributions: Sequence[Contribution]) -> dict[str, tuple[int, ..
     return dict(votes.most_common(1)[0][0])
 
 
-def _screen(contributions: Sequence[Contribution], dropped: Counter[str]) -> list[Contribution]:
-    ref = _reference(contributions)
+def _screen(
+    contributions: Sequence[Contribution],
+    dropped: Counter[str],
+    expected: Mapping[str, Sequence[int]] | None = None,
+) -> list[Contribution]:
+    ref = (
+        {n: tuple(int(d) for d in s) for n, s in expected.items()}
+        if expected is not None
+        else _reference(contributions)
+    )
     kept: list[Contribution] = []
     for tensors, weight in contributions:
         if not isinstance(weight, int | float) or not math.isfinite(weight) or weight <= 0:
@@ -81,13 +89,18 @@ def _global_norm(tensors: Mapping[str, torch.Tensor]) -> float:
     return math.sqrt(total)
 
 
-def robust_aggregate(contributions: Sequence[Contribution]) -> AggregateReport:
+def robust_aggregate(
+    contributions: Sequence[Contribution], *, expected: Mapping[str, Sequence[int]] | None = None
+) -> AggregateReport:
     """Drop bad contributions, clip each to the median global norm, weighted mean (fp32).
 
-    Raises ``ValueError`` when nothing valid is left (the caller skips the round).
+    ``expected`` ({name: shape}, e.g. ``DiLoCo.shapes()``) defines a matching contribution; without
+    it the names/shapes most contributors share win, which a colluding majority could pick, so
+    callers that know their model should pass it. Raises ``ValueError`` when nothing valid is left
+    (the caller skips the round).
     """
     dropped: Counter[str] = Counter()
-    kept = _screen(contributions, dropped)
+    kept = _screen(contributions, dropped, expected)
     if not kept:
         raise ValueError(f"no valid contributions to aggregate (dropped: {dict(dropped)})")
     norms = [_global_norm(t) for t, _ in kept]
@@ -111,9 +124,11 @@ def robust_aggregate(contributions: Sequence[Contribution]) -> AggregateReport:
     )
 
 
-def robust_mean(contributions: Sequence[Contribution]) -> dict[str, torch.Tensor]:
+def robust_mean(
+    contributions: Sequence[Contribution], *, expected: Mapping[str, Sequence[int]] | None = None
+) -> dict[str, torch.Tensor]:
     """The median-norm-clipped weighted mean; see ``robust_aggregate`` for the reasons/counters."""
-    return robust_aggregate(contributions).mean
+    return robust_aggregate(contributions, expected=expected).mean
 
 
 def trimmed_mean(contributions: Sequence[Contribution], *, trim: float = 0.1) -> dict[str, torch.Tensor]:

@@ -71,3 +71,12 @@ def test_aggregate_components_averages_over_selectors_only() -> None:
     dense = aggregate_components(own, [peer, garbled], n_chunks={"w": 2}, chunk_numel={"w": 4})
     expected = torch.tensor([[1.0, 3.0, 6.0, 0.0], [7.0, 0.0, 4.0, 4.0]])
     torch.testing.assert_close(dense["w"], expected)
+
+
+def test_expected_shapes_beat_a_colluding_majority() -> None:
+    own = {"w": torch.ones(4)}
+    forged = {"x": torch.ones(9)}
+    report = robust_aggregate([(own, 1.0), (forged, 1.0), (forged, 1.0)], expected={"w": (4,)})
+    assert report.used == 1
+    assert report.dropped == {"mismatched": 2}
+    torch.testing.assert_close(report.mean["w"], torch.ones(4))

@@ -129,3 +129,23 @@ def test_bf16_params_keep_fp32_anchor() -> None:
     assert all(t.dtype == torch.float32 for t in outer.anchor.values())
     outer.outer_step({n: torch.zeros(p.shape) for n, p in m.named_parameters()})
     assert all(p.dtype == torch.bfloat16 for p in m.parameters())
+
+
+def test_load_state_from_a_peer_is_checked_and_keeps_own_hyperparams() -> None:
+    a, b = _model(0), _model(5)
+    oa = DiLoCo(a.named_parameters(), lr=0.7)
+    ob = DiLoCo(b.named_parameters(), lr=0.5)
+    before = ob.anchor_hash()
+    bad = oa.state_dict()
+    first = next(k for k in bad if k.startswith("anchor."))
+    bad[first] = torch.full_like(bad[first], float("inf"))
+    with pytest.raises(ValueError, match="non-finite"):
+        ob.load_state_dict(bad)
+    assert ob.anchor_hash() == before  # nothing changed on a rejected state
+    hostile = oa.state_dict()
+    hostile["lr"] = 1e9
+    ob.load_state_dict(hostile)
+    assert ob.lr == 0.5
+    with pytest.raises(ValueError, match="lr"):
+        ob.load_state_dict({**hostile, "lr": -1.0}, load_hyperparams=True)
+    assert ob.shapes() == {n: tuple(p.shape) for n, p in b.named_parameters()}

@@ -122,13 +122,23 @@ class DiLoCo:
         out.update(lr=self.lr, momentum=self.momentum, nesterov=self.nesterov, outer_steps=self.outer_steps)
         return out
 
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """{name: shape}: what a valid pseudo-gradient looks like (``robust_mean(expected=...)``)."""
+        return {n: tuple(t.shape) for n, t in self.anchor.items()}
+
     def tensors(self) -> dict[str, torch.Tensor]:
         """Only the tensor part of ``state_dict`` (what a checkpoint's safetensors file holds)."""
         return {k: v for k, v in self.state_dict().items() if isinstance(v, torch.Tensor)}
 
     @torch.no_grad()
-    def load_state_dict(self, state: Mapping[str, Any], *, reset_local: bool = True) -> None:
-        """Restore anchor and momentum (e.g. a joiner catching up), then local ← anchor."""
+    def load_state_dict(
+        self, state: Mapping[str, Any], *, reset_local: bool = True, load_hyperparams: bool = False
+    ) -> None:
+        """Restore anchor and momentum (e.g. a joiner catching up), then local ← anchor.
+
+        The state may come from a peer, so everything is checked before anything is changed, and
+        lr/momentum/nesterov stay this node's own (they are swarm config) unless ``load_hyperparams``.
+        """
         anchors = {k[len("anchor.") :]: v for k, v in state.items() if k.startswith("anchor.")}
         moms = {k[len("momentum.") :]: v for k, v in state.items() if k.startswith("momentum.")}
         self._check(anchors, "state anchor")
@@ -137,17 +147,25 @@ class DiLoCo:
             raise ValueError(f"state has momentum for unknown parameters {unknown[:5]}")
         for n, t in moms.items():
             self._check_one(n, t, "state momentum")
+        for kind, group in (("anchor", anchors), ("momentum", moms)):
+            for n, t in group.items():
+                if not bool(torch.isfinite(t).all()):
+                    raise ValueError(f"state {kind}[{n!r}] has non-finite values")
+        steps = state.get("outer_steps", self.outer_steps)
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"state outer_steps must be an integer >= 0, got {steps!r}")
+        if load_hyperparams:
+            other = DiLoCo(
+                [("_", torch.nn.Parameter(torch.zeros(1)))],
+                lr=float(state.get("lr", self.lr)),
+                momentum=float(state.get("momentum", self.momentum)),
+                nesterov=bool(state.get("nesterov", self.nesterov)),
+            )  # reuses the constructor's range checks
+            self.lr, self.momentum, self.nesterov = other.lr, other.momentum, other.nesterov
         for name in self.params:
             self.anchor[name].copy_(anchors[name].to(torch.float32))
         self.buffers = {n: t.detach().to(torch.float32).clone() for n, t in moms.items()}
-        if "lr" in state:
-            self.lr = float(state["lr"])
-        if "momentum" in state:
-            self.momentum = float(state["momentum"])
-        if "nesterov" in state:
-            self.nesterov = bool(state["nesterov"])
-        if "outer_steps" in state:
-            self.outer_steps = int(state["outer_steps"])
+        self.outer_steps = steps
         if reset_local:
             self.reset_local()
 
