@@ -56,6 +56,21 @@ class RoundClock:
                 f"collect_seconds must be in (0, round_seconds={self.round_seconds}], got {self.collect_seconds}"
             )
 
+    @classmethod
+    def for_swarm(
+        cls,
+        swarm_id: str,
+        *,
+        round_seconds: float,
+        collect_seconds: float,
+        genesis: float | None = None,
+        clock: Clock = time.time,
+    ) -> RoundClock:
+        """The clock every member of ``swarm_id`` shares: the configured genesis, or one derived
+        from the id when none is given."""
+        g = genesis_from_swarm_id(swarm_id) if genesis is None else genesis
+        return cls(genesis=g, round_seconds=round_seconds, collect_seconds=collect_seconds, clock=clock)
+
     def round_at(self, t: float) -> int:
         """The round containing time ``t`` (negative before genesis)."""
         return math.floor((t - self.genesis) / self.round_seconds)

@@ -80,3 +80,10 @@ def test_step_rounds() -> None:
     assert sr.round_of(4) == 0
     assert sr.round_of(5) == 1
     assert sr.deadline(10.0) == 15.0
+
+
+def test_for_swarm_uses_given_or_derived_genesis() -> None:
+    derived = RoundClock.for_swarm("lab", round_seconds=10, collect_seconds=5)
+    assert derived.genesis == genesis_from_swarm_id("lab")
+    given = RoundClock.for_swarm("lab", round_seconds=10, collect_seconds=5, genesis=123.0)
+    assert given.genesis == 123.0
