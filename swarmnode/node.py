@@ -141,6 +141,9 @@ class NodeStats:
     last_reward: float = float("nan")
     last_eval: float = float("nan")
     dropped_messages: int = 0
+    # mean ‖θ_i − θ̄‖ over this round's contributors just before the merge: with a shared anchor,
+    # θ_i = anchor − Δ_i, so the spread of the Δs is exactly the spread of the replicas.
+    replica_distance: float = float("nan")
 
 
 class Node:
@@ -344,6 +347,7 @@ class Node:
             "rejected_groups": st.rejected_groups,
             "merges": st.merges,
             "heals": st.heals,
+            "replica_distance_before_merge": st.replica_distance,
             "catchups": st.catchups,
         }
         for key, value in metrics.items():
@@ -440,6 +444,7 @@ class Node:
 
     def _outer_step(self, contributions: list[tuple[dict[str, Any], float]]) -> None:
         assert self.merger is not None
+        self.stats.replica_distance = replica_spread([d for d, _ in contributions])
         aggregate = self.aggregate
         if aggregate is None:
             from swarmnode.aggregate import robust_mean as aggregate
@@ -510,3 +515,18 @@ class Node:
         self._rounds = {r: v for r, v in self._rounds.items() if r > self.stats.round}
         self._refresh_snapshot()
         log.info("caught up from %s: round %d step %d", source, manifest.round, manifest.step)
+
+
+def replica_spread(deltas: list[dict[str, Any]]) -> float:
+    """Mean L2 distance of each Δ from the mean Δ (0.0 for a single replica)."""
+    import torch
+
+    if len(deltas) < 2:
+        return 0.0
+    sq = [0.0] * len(deltas)
+    for name in deltas[0]:
+        stack = torch.stack([torch.as_tensor(d[name], dtype=torch.float64) for d in deltas])
+        diff = stack - stack.mean(dim=0, keepdim=True)
+        for i in range(len(deltas)):
+            sq[i] += float(diff[i].pow(2).sum())
+    return sum(v**0.5 for v in sq) / len(sq)

@@ -7,6 +7,7 @@ Kept apart from ``node`` so the node loop stays testable with fakes and free of 
 from __future__ import annotations
 
 import logging
+import random
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ class TrainerLearner:
         external_groups: int,
         diloco: Any,
         checkpoints: Any,
+        seed: int = 0,
     ) -> None:
         self.policy = policy
         self.engine = engine
@@ -40,6 +42,7 @@ class TrainerLearner:
         self.checkpoints = checkpoints
         self.fingerprint: str = policy.fingerprint
         self.samples_seen = 0
+        self.rng = random.Random(seed)
         self.rejects: dict[str, int] = {}
 
     # -- what Node calls ---------------------------------------------------------------------------
@@ -62,7 +65,7 @@ class TrainerLearner:
     def sample_external(self, step: int) -> list[Any]:
         if self.external_groups == 0:
             return []
-        out: list[Any] = self.replay.sample(self.external_groups, step=step)
+        out: list[Any] = self.replay.sample(self.external_groups, step, self.rng)
         return out
 
     def verify(self, batch: Any) -> tuple[list[Any], int]:
@@ -117,7 +120,7 @@ def build_learner(cfg: Any, data_dir: Path) -> TrainerLearner:
     from swarmnode.optim import build_optimizer
     from swarmnode.optim.diloco import DiLoCo
     from swarmnode.policy import load_policy
-    from swarmnode.replay import ReplayBuffer
+    from swarmnode.replay import ReplayBuffer, ReplayConfig
     from swarmnode.tasks import heldout_problems
     from swarmnode.trainer import GRPOConfig, Trainer
     from swarmnode.verify import verify_external
@@ -149,7 +152,8 @@ def build_learner(cfg: Any, data_dir: Path) -> TrainerLearner:
         policy=policy,
         engine=engine,
         trainer=trainer,
-        replay=ReplayBuffer(staleness_steps=t.staleness_steps),
+        replay=ReplayBuffer(ReplayConfig(staleness_steps=t.staleness_steps)),
+        seed=cfg.task.seed,
         verify=verify_external,
         heldout=heldout_problems(cfg.task.family, 64),
         external_groups=t.external_groups,

@@ -244,6 +244,8 @@ def test_three_nodes_share_and_merge(tmp_path: Path) -> None:
     rows = [json.loads(line) for line in (tmp_path / "n0.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert rows[-1]["bytes_sent"] > 0
+    # drifts 0.1, 0.2, 0.3 over 3 steps: Δs -0.3, -0.6, -0.9, mean distance (0.3 + 0 + 0.3) / 3
+    assert rows[2]["replica_distance_before_merge"] == pytest.approx(0.2)
     assert rows[-1]["merges"] == 2
 
 
