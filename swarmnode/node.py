@@ -403,7 +403,7 @@ class Node:
         self.stats.blocked_on_network_s += self.clock() - t0
         # Sorted by author so every node sums in the same order and lands on the same anchor bits.
         ordered = [contributions[a] for a in sorted(contributions)]
-        await asyncio.to_thread(self._outer_step, ordered)
+        await asyncio.to_thread(self._outer_step, ordered, own)
         self.stats.round = rnd
         self.stats.merges += 1
         self.stats.merge_contributors = len(ordered)
@@ -442,13 +442,17 @@ class Node:
                 out[result[0]] = result[1]
         return out
 
-    def _outer_step(self, contributions: list[tuple[dict[str, Any], float]]) -> None:
+    def _outer_step(self, contributions: list[tuple[dict[str, Any], float]], own: dict[str, Any]) -> None:
         assert self.merger is not None
         self.stats.replica_distance = replica_spread([d for d, _ in contributions])
-        aggregate = self.aggregate
-        if aggregate is None:
-            from swarmnode.aggregate import robust_mean as aggregate
-        self.merger.outer_step(aggregate(contributions))
+        if self.aggregate is not None:
+            self.merger.outer_step(self.aggregate(contributions))
+            return
+        from swarmnode.aggregate import robust_mean
+
+        # Our own Δ defines the expected names/shapes: a peer's mismatching blob is dropped, not fatal.
+        expected = {name: tuple(t.shape) for name, t in own.items()}
+        self.merger.outer_step(robust_mean(contributions, expected=expected))
 
     # -- joiners -----------------------------------------------------------------------------------
 
