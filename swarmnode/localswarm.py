@@ -242,7 +242,11 @@ def run_swarm(plan: SwarmPlan, *, node_cmd: list[str] | None = None, live: bool 
     if live:
         print(status_table(nodes))
     summary = summarize(nodes, plan.out)
-    print(f"summary: {plan.out / 'summary.json'}  plot: {plan.out / 'summary.png'}")
+    # Benchmarks call this with live=False and own stdout (one JSON object): report on stderr there.
+    print(
+        f"summary: {plan.out / 'summary.json'}  plot: {plan.out / 'summary.png'}",
+        file=sys.stdout if live else sys.stderr,
+    )
     return summary
 
 

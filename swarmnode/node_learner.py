@@ -135,6 +135,8 @@ def build_learner(cfg: Any, data_dir: Path) -> TrainerLearner:
     engine = make_engine(cfg.model.engine, policy)
     t = cfg.train
     grpo = GRPOConfig(
+        task=cfg.task.family,
+        seed=cfg.task.seed,
         group_size=t.group_size,
         local_groups=t.local_groups,
         external_groups=t.external_groups,
