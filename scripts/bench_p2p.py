@@ -102,6 +102,9 @@ def main() -> int:
         total = sum(counts(nodes, "burst"))
         result["delivery_ratio"] = round(total / expected, 5)
         result["burst_publish_s"] = round(published["seconds"], 3)
+        # msgs_per_s is the rate at which EVERY node has the burst (the receivers' CPU is the limit on a
+        # small machine); publish_msgs_per_s is what the publisher sustains under back-pressure alone.
+        result["publish_msgs_per_s"] = round(args.burst / published["seconds"], 1)
         result["msgs_per_s"] = round(
             args.burst / max(published["seconds"], delivered_s if total >= expected else 0), 1
         )
@@ -159,6 +162,10 @@ def main() -> int:
         cpu1 = [cpu_seconds(n.proc.pid) for n in nodes]
         result["idle_cpu_pct"] = round(
             statistics.mean(b - a for a, b in zip(cpu0, cpu1, strict=True)) / 5.0 * 100, 2
+        )
+
+        result["outbound_dropped"] = sum(
+            sum(n.call("stats")["stats"]["outbound_dropped"].values()) for n in nodes if n.proc.poll() is None
         )
 
         # Rejoin: SIGKILL a leaf, restart it with the same data dir, time until it receives again.

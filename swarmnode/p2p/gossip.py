@@ -52,6 +52,7 @@ class GossipStats:
     equivocations: int = 0
     paced_waits: int = 0
     pacing_timeouts: int = 0
+    outbound_dropped: dict[str, int] = field(default_factory=dict)  # reason -> RPCs the library dropped
 
     def topic(self, name: str) -> TopicStats:
         stats = self.topics.get(name)
@@ -60,7 +61,7 @@ class GossipStats:
         return stats
 
 
-def build_gossipsub(host: Any) -> tuple[Pubsub, GossipSub, DigestEquivocation]:
+def build_gossipsub(host: Any, stats: GossipStats) -> tuple[Pubsub, GossipSub, DigestEquivocation]:
     router = GossipSub(
         protocols=[PROTOCOL_ID_V11, PROTOCOL_ID],
         degree=6,
@@ -79,7 +80,21 @@ def build_gossipsub(host: Any) -> tuple[Pubsub, GossipSub, DigestEquivocation]:
     pubsub = Pubsub(host, router, strict_signing=True)
     equivocation = DigestEquivocation(router)
     router._check_equivocation = equivocation.check  # type: ignore[method-assign]
+    _count_outbound_drops(router, stats)
     return pubsub, router, equivocation
+
+
+def _count_outbound_drops(router: GossipSub, stats: GossipStats) -> None:
+    """The library drops RPCs to a full (or oversized for) peer queue with a DEBUG log only; count and warn."""
+    original = router._handle_dropped_rpc
+
+    def counted(peer_id: ID, rpc: rpc_pb2.RPC, reason: str) -> None:
+        total = stats.outbound_dropped[reason] = stats.outbound_dropped.get(reason, 0) + 1
+        if total in (1, 10, 100) or total % 1000 == 0:
+            log.warning("libp2p dropped %d outbound RPCs so far (%s), latest to %s", total, reason, peer_id)
+        original(peer_id, rpc, reason)
+
+    router._handle_dropped_rpc = counted  # type: ignore[method-assign]
 
 
 class DigestEquivocation:

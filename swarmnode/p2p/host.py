@@ -352,6 +352,7 @@ class Host:
             "equivocations": self._trio.equivocation.detected if self._trio else 0,
             "paced_waits": self._gossip.paced_waits,
             "pacing_timeouts": self._gossip.pacing_timeouts,
+            "outbound_dropped": dict(self._gossip.outbound_dropped),
             "blobs": self._blob_stats.as_dict(),
             "requests": dict(self._requests),
             "dial": self._dialer.statistics() if self._dialer else {},
@@ -363,7 +364,7 @@ class Host:
         key_pair = load_or_create_identity(self.config.data_dir)
         listen = multiaddr.Multiaddr(f"/ip4/{self.config.listen_host}/tcp/{self.config.port}")
         host = new_host(key_pair=key_pair, listen_addrs=[listen], enable_mDNS=self.config.enable_mdns)
-        pubsub, router, equivocation = build_gossipsub(host)
+        pubsub, router, equivocation = build_gossipsub(host, self._gossip)
         host.set_stream_handler(TProtocol(BLOB_PROTOCOL), self._blobs.serve)
         # The pubsub services must run before host.run(): an incoming pubsub stream crashes a node otherwise.
         async with background_trio_service(pubsub), background_trio_service(router):
