@@ -98,7 +98,7 @@ def test_blob_50mb_arrives_intact(swarm: list[NodeProcess]) -> None:
 
 def test_sigkill_restart_rejoins_with_same_id(swarm: list[NodeProcess], tmp_path: Path) -> None:
     victim = swarm[N - 1]
-    data_dir = Path(victim.proc.args[3])
+    data_dir = victim.data_dir
     old_id = victim.peer_id
     victim.kill()
     restarted = NodeProcess(data_dir, bootstrap=swarm[0].addr, subscribe=(TOPIC,))

@@ -68,7 +68,8 @@ def build_gossipsub(host: Any, stats: GossipStats) -> tuple[Pubsub, GossipSub, D
         degree_low=4,
         degree_high=12,
         heartbeat_initial_delay=0.1,
-        heartbeat_interval=HEARTBEAT_S,  # type: ignore[arg-type] - used with trio.sleep, floats work
+        # Typed int upstream but only passed to trio.sleep, so a float works.
+        heartbeat_interval=HEARTBEAT_S,  # type: ignore[arg-type]
         # Spam protection counts the publisher's own messages (10/s per topic) and drops them: rate limits
         # belong in our topic validators instead.
         spam_protection_enabled=False,
