@@ -123,3 +123,29 @@ def pick_majority_anchor(
     if winner == my_anchor:
         return None
     return sorted(holders[winner])[0], winner
+
+
+def choose_source(
+    peers: dict[str, Any],
+    live: set[str],
+    *,
+    cohort: str,
+    my_round: int,
+    my_step: int,
+    merged: bool,
+    my_anchor: str,
+) -> tuple[str, str] | None:
+    """(peer, anchor hash to expect or "") to load state from, or None to carry on.
+
+    A fresh node, or one two or more rounds behind, loads from the peer with the newest round (one
+    round behind is ordinary skew and merges normally); a replica whose anchor lost the majority
+    vote after a merge re-syncs to the winner.
+    """
+    source = pick_source(peers, my_round, cohort, live.__contains__)
+    if source is not None:
+        fresh = my_step == 0 and my_round == 0
+        if fresh or int(peers[source].round) >= my_round + 2:
+            return source, ""
+    if merged:
+        return pick_majority_anchor(peers, my_round, my_anchor, cohort, live.__contains__)
+    return None

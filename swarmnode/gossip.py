@@ -260,3 +260,16 @@ class DiLoCoMerger:
     def load_state_blob(self, blob: bytes) -> None:
         self.diloco.load_state_dict(decode_state(blob), reset_local=True)
         self.on_weights()
+
+
+def replica_spread(deltas: list[dict[str, Any]]) -> float:
+    """Mean L2 distance of each Δ from the mean Δ (0.0 for a single replica)."""
+    if len(deltas) < 2:
+        return 0.0
+    sq = [0.0] * len(deltas)
+    for name in deltas[0]:
+        stack = torch.stack([torch.as_tensor(d[name], dtype=torch.float64) for d in deltas])
+        diff = stack - stack.mean(dim=0, keepdim=True)
+        for i in range(len(deltas)):
+            sq[i] += float(diff[i].pow(2).sum())
+    return sum(v**0.5 for v in sq) / len(sq)

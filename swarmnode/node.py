@@ -24,9 +24,8 @@ from swarmnode.catchup import (
     CatchupError,
     Snapshot,
     StateServer,
+    choose_source,
     fetch_state,
-    pick_majority_anchor,
-    pick_source,
 )
 
 log = logging.getLogger(__name__)
@@ -444,6 +443,8 @@ class Node:
 
     def _outer_step(self, contributions: list[tuple[dict[str, Any], float]], own: dict[str, Any]) -> None:
         assert self.merger is not None
+        from swarmnode.gossip import replica_spread
+
         self.stats.replica_distance = replica_spread([d for d, _ in contributions])
         if self.aggregate is not None:
             self.merger.outer_step(self.aggregate(contributions))
@@ -475,23 +476,18 @@ class Node:
         advertises a newer round; one round behind is ordinary skew and merges normally."""
         assert self.merger is not None
         peers = {p: presence for p, (_, presence) in self._peers.items()}
-        live = set(self.live_peers())
-        source = pick_source(peers, self.stats.round, self.cohort, live.__contains__)
-        target = ""
-        if source is not None:
-            peer_round = int(peers[source].round)
-            fresh = self.stats.step == 0 and self.stats.round == 0
-            if not (fresh or peer_round >= self.stats.round + 2):
-                source = None
-        if source is None and self.stats.merges:
-            vote = pick_majority_anchor(
-                peers, self.stats.round, self.merger.anchor_hash(), self.cohort, live.__contains__
-            )
-            if vote is None:
-                return
-            source, target = vote
-        if source is None:
+        choice = choose_source(
+            peers,
+            set(self.live_peers()),
+            cohort=self.cohort,
+            my_round=self.stats.round,
+            my_step=self.stats.step,
+            merged=self.stats.merges > 0,
+            my_anchor=self.merger.anchor_hash(),
+        )
+        if choice is None:
             return
+        source, target = choice
         t0 = self.clock()
         try:
             manifest, blob = await asyncio.wait_for(
@@ -519,18 +515,3 @@ class Node:
         self._rounds = {r: v for r, v in self._rounds.items() if r > self.stats.round}
         self._refresh_snapshot()
         log.info("caught up from %s: round %d step %d", source, manifest.round, manifest.step)
-
-
-def replica_spread(deltas: list[dict[str, Any]]) -> float:
-    """Mean L2 distance of each Δ from the mean Δ (0.0 for a single replica)."""
-    import torch
-
-    if len(deltas) < 2:
-        return 0.0
-    sq = [0.0] * len(deltas)
-    for name in deltas[0]:
-        stack = torch.stack([torch.as_tensor(d[name], dtype=torch.float64) for d in deltas])
-        diff = stack - stack.mean(dim=0, keepdim=True)
-        for i in range(len(deltas)):
-            sq[i] += float(diff[i].pow(2).sum())
-    return sum(v**0.5 for v in sq) / len(sq)

@@ -70,7 +70,7 @@ class TrainerLearner:
 
     def verify(self, batch: Any) -> tuple[list[Any], int]:
         """Regenerate each problem from its task reference and re-score locally; count why not."""
-        groups, rejects = self._verify(batch, self.policy.tokenizer)
+        groups, rejects = self._verify(batch, self.policy.tokenizer, local_fingerprint=self.fingerprint)
         if isinstance(rejects, dict):
             for reason, n in rejects.items():
                 self.rejects[reason] = self.rejects.get(reason, 0) + int(n)
