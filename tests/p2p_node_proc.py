@@ -176,6 +176,7 @@ class NodeProcess:
         target_peers: int = 8,
         start_timeout: float = 20.0,
     ) -> None:
+        self.data_dir = Path(data_dir)
         cmd = [
             sys.executable,
             str(Path(__file__).resolve()),
