@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -26,6 +27,7 @@ from swarmnode.protocol import (
     RoundManifest,
     StateManifest,
     TaskRef,
+    TensorComponents,
     codec,
     limits,
 )
@@ -181,7 +183,12 @@ class ProtocolWire:
         hardware: str,
         verifier: Verifier,
         samples: Callable[[], int] = lambda: 0,
+        demo_spec: Callable[[str], tuple[tuple[int, ...], int, int]] | None = None,
+        value_codec: str = "int8",
     ) -> None:
+        # name -> (shape, n_chunks, chunk_numel) of our DeMo transform; peers must match it exactly.
+        self.demo_spec = demo_spec
+        self.value_codec = value_codec
         self.swarm = swarm
         self.addrs = addrs
         self.engine = engine
@@ -230,6 +237,48 @@ class ProtocolWire:
     def groups_of(self, batch: RolloutBatch, local_fingerprint: str) -> tuple[list[Any], int]:
         return self.verifier(batch)
 
+    def encode_demo(self, *, author: str, cohort: str, step: int, components: dict[str, Any]) -> bytes:
+        from swarmnode.compression.components import encode_components
+
+        if self.demo_spec is None:
+            raise ValueError("DeMo gossip needs demo_spec (the optimizer's chunking) on the wire")
+        tensors = []
+        for name in sorted(components):
+            idx, vals = components[name]
+            shape, n_chunks, chunk_numel = self.demo_spec(name)
+            payload = encode_components(idx, vals, chunk_numel=chunk_numel, value_codec=self.value_codec)
+            tensors.append(
+                TensorComponents(
+                    name=name,
+                    shape=tuple(shape),
+                    n_chunks=n_chunks,
+                    k=int(idx.shape[-1]),
+                    chunk_numel=chunk_numel,
+                    value_codec=self.value_codec,  # type: ignore[arg-type]
+                    payload=bytes(payload),
+                )
+            )
+        lr = 0.0
+        return codec.encode(DemoComponents(author=author, cohort=cohort, step=step, lr=lr, tensors=tensors))
+
+    def demo_of(self, record: DemoComponents) -> tuple[int, dict[str, Any]]:
+        from swarmnode.compression.components import decode_components
+
+        if self.demo_spec is None:
+            raise ProtocolError("DeMo components received but DeMo gossip is off here")
+        out: dict[str, Any] = {}
+        for t in record.tensors:
+            try:
+                shape, n_chunks, chunk_numel = self.demo_spec(t.name)
+            except KeyError:
+                raise ProtocolError(f"DeMo components: unknown tensor {t.name!r}") from None
+            if tuple(t.shape) != tuple(shape) or t.n_chunks != n_chunks or t.chunk_numel != chunk_numel:
+                raise ProtocolError(f"DeMo components: tensor {t.name!r} chunking differs from ours")
+            out[t.name] = decode_components(
+                t.payload, n_chunks=n_chunks, k=t.k, chunk_numel=chunk_numel, value_codec=t.value_codec
+            )
+        return int(record.step), out
+
 
 class DiLoCoMerger:
     """``swarmnode.optim.diloco.DiLoCo`` as the node's merger; ``on_weights`` pushes the new local
@@ -273,3 +322,64 @@ def replica_spread(deltas: list[dict[str, Any]]) -> float:
         for i in range(len(deltas)):
             sq[i] += float(diff[i].pow(2).sum())
     return sum(v**0.5 for v in sq) / len(sq)
+
+
+class DemoExchange:
+    """DeMo's optimizer step with gossip in the middle, as a drop-in optimizer for the trainer.
+
+    The trainer calls ``step()`` in its worker thread. We compute our components (momentum, DCT,
+    top-k, error feedback), hand them to the event loop to publish, then wait at most ``window_s``
+    for peers' components of about the same step (whatever arrived is used; nodes are never in
+    lockstep, so a peer's newest components within ``max_lag`` steps count) and apply the aggregate.
+    The wait is the only blocking and is counted in ``blocked_s``.
+    """
+
+    def __init__(
+        self,
+        demo: Any,
+        *,
+        publish: Callable[[int, Any], None],
+        window_s: float = 0.05,
+        max_lag: int = 2,
+    ) -> None:
+        self.demo = demo
+        self.publish = publish
+        self.window_s = window_s
+        self.max_lag = max_lag
+        self.step_no = 0
+        self.blocked_s = 0.0
+        self.used = 0
+        self._inbox: dict[str, tuple[int, Any]] = {}
+        self._cond = threading.Condition()
+
+    def receive(self, peer: str, step: int, components: Any) -> None:
+        """Called on the event loop for each decoded peer message (newest per peer wins)."""
+        with self._cond:
+            old = self._inbox.get(peer)
+            if old is None or step >= old[0]:
+                self._inbox[peer] = (step, components)
+                self._cond.notify_all()
+
+    def _take(self) -> list[Any]:
+        fresh = [c for s, c in self._inbox.values() if abs(s - self.step_no) <= self.max_lag]
+        self._inbox.clear()
+        return fresh
+
+    def step(self, closure: Any = None) -> None:
+        own = self.demo.compute_components()
+        self.publish(self.step_no, own)
+        t0 = time.monotonic()
+        with self._cond:
+            if not self._inbox:
+                self._cond.wait(self.window_s)
+            peers = self._take()
+        self.blocked_s += time.monotonic() - t0
+        self.used += len(peers)
+        self.demo.apply_components(peers)
+        self.step_no += 1
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.demo.zero_grad(set_to_none=set_to_none)
+
+    def __getattr__(self, name: str) -> Any:  # param_groups, state_dict, ... of the wrapped optimizer
+        return getattr(self.demo, name)

@@ -113,6 +113,8 @@ class Wire(Protocol):
     def encode(self, record: Any) -> bytes: ...
     def decode(self, data: bytes) -> Any: ...
     def kind(self, record: Any) -> str: ...
+    def encode_demo(self, *, author: str, cohort: str, step: int, components: Any) -> bytes: ...
+    def demo_of(self, record: Any) -> tuple[int, Any]: ...
     def encode_delta(self, delta: dict[str, Any]) -> bytes: ...
     def decode_delta(self, data: bytes, max_bytes: int) -> dict[str, Any]: ...
     def groups_of(self, batch: Any, local_fingerprint: str) -> tuple[list[Any], int]: ...
@@ -157,6 +159,7 @@ class Node:
         learner: Learner,
         wire: Wire,
         merger: Merger | None = None,
+        demo: Any = None,
         aggregate: Callable[[list[tuple[dict[str, Any], float]]], dict[str, Any]] | None = None,
         clock: Callable[[], float] = time.monotonic,
         on_step: Callable[[dict[str, Any]], None] | None = None,
@@ -166,6 +169,11 @@ class Node:
         self.learner = learner
         self.wire = wire
         self.merger = merger
+        # gossip.DemoExchange wrapping the DeMo optimizer the trainer steps, or None (no DeMo gossip).
+        self.demo = demo
+        self._demo_out: asyncio.Queue[tuple[int, Any]] = asyncio.Queue(maxsize=4)
+        if demo is not None:
+            demo.publish = self._publish_demo_threadsafe
         self.clock = clock
         self.aggregate = aggregate
         self.on_step = on_step
@@ -187,6 +195,7 @@ class Node:
         self.topic_rollouts = f"/swarmnode/{swarm}/rollouts/1"
         # The cohort topic carries the model fingerprint: different models share rollouts, never merge.
         self.topic_rounds = f"/swarmnode/{swarm}/rounds/{self.cohort}/1"
+        self.topic_demo = f"/swarmnode/{swarm}/demo/{self.cohort}/1"
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -194,6 +203,7 @@ class Node:
         self._stop.set()
 
     async def run(self) -> NodeStats:
+        self._loop = asyncio.get_running_loop()
         if self.settings.metrics_path is not None:
             self.settings.metrics_path.parent.mkdir(parents=True, exist_ok=True)
             self._metrics_file = self.settings.metrics_path.open("a", encoding="utf-8")
@@ -204,6 +214,8 @@ class Node:
                     tg.create_task(self._receive_loop(self.topic_presence)),
                     tg.create_task(self._receive_loop(self.topic_rollouts)),
                     tg.create_task(self._receive_loop(self.topic_rounds)),
+                    tg.create_task(self._receive_loop(self.topic_demo)),
+                    tg.create_task(self._demo_publisher()),
                 ]
                 await self._train_loop()
                 for task in background:
@@ -225,6 +237,37 @@ class Node:
             if now - t <= timeout and getattr(presence, "cohort", None) == self.cohort:
                 members.add(p)
         return sorted(members)
+
+    def blocked_on_network_s(self) -> float:
+        return self.stats.blocked_on_network_s + (self.demo.blocked_s if self.demo is not None else 0.0)
+
+    def _publish_demo_threadsafe(self, step: int, components: Any) -> None:
+        # Called from the trainer's worker thread inside the optimizer step; never blocks it.
+        def put() -> None:
+            if self._demo_out.full():
+                self._demo_out.get_nowait()  # a newer step supersedes an unsent older one
+                self.stats.dropped_messages += 1
+            self._demo_out.put_nowait((step, components))
+
+        self._loop.call_soon_threadsafe(put)
+
+    async def _demo_publisher(self) -> None:
+        while True:
+            step, components = await self._demo_out.get()
+            try:
+                data = await asyncio.to_thread(
+                    self.wire.encode_demo,
+                    author=self.me,
+                    cohort=self.cohort,
+                    step=step,
+                    components=components,
+                )
+                await self.host.publish(self.topic_demo, data)
+                self.stats.bytes_sent += len(data)
+            except (
+                ValueError
+            ) as exc:  # ProtocolError: over the gossip limit; that step's components stay local
+                log.warning("DeMo components for step %d not sent: %s", step, exc)
 
     # -- background tasks ------------------------------------------------------------------------
 
@@ -277,6 +320,11 @@ class Node:
             if groups:
                 self.learner.add_external(groups, self.stats.step)
                 self.stats.external_groups += len(groups)
+        elif kind == "demo":
+            if self.demo is None or getattr(record, "cohort", self.cohort) != self.cohort:
+                return
+            step, components = self.wire.demo_of(record)
+            self.demo.receive(origin, step, components)
         elif kind == "manifest":
             if getattr(record, "cohort", self.cohort) != self.cohort or str(record.author) != origin:
                 self.stats.dropped_messages += 1
@@ -338,7 +386,8 @@ class Node:
             "eval_acc": st.last_eval,
             "bytes_sent": st.bytes_sent,
             "bytes_received": st.bytes_received,
-            "blocked_on_network_s": round(st.blocked_on_network_s, 4),
+            "blocked_on_network_s": round(self.blocked_on_network_s(), 4),
+            "demo_peers_used": self.demo.used if self.demo is not None else 0,
             "round": st.round,
             "anchor_hash": self.merger.anchor_hash() if self.merger is not None else "",
             "peers": len(self.live_peers()),

@@ -129,6 +129,12 @@ class JsonWire:
     def decode_delta(self, data: bytes, max_bytes: int) -> dict[str, float]:
         return {"w": struct.unpack("<d", data)[0]}
 
+    def encode_demo(self, *, author: str, cohort: str, step: int, components: Any) -> bytes:
+        return self.encode(Rec("demo", {"author": author, "cohort": cohort, "step": step, "c": components}))
+
+    def demo_of(self, record: Rec) -> tuple[int, Any]:
+        return record.step, record.c
+
     def groups_of(self, batch: Rec, local_fingerprint: str) -> tuple[list[Any], int]:
         good = [g for g in batch.groups if g != "forged"]
         return good, len(batch.groups) - len(good)
@@ -147,8 +153,12 @@ class FakeLearner:
     def collect_local(self, step: int) -> list[Any]:
         return [f"g{step}a", f"g{step}b"]
 
+    opt: Any = None  # the DeMo optimizer the trainer steps, when gossiping components
+
     def train_step(self, local: list[Any], external: list[Any]) -> dict[str, float]:
-        time.sleep(0.03)  # a step takes time, so gossip (presence) flows between steps
+        time.sleep(0.03)
+        if self.opt is not None:
+            self.opt.step()  # a step takes time, so gossip (presence) flows between steps
         self.used_external += len(external)
         self.w += self.drift
         return {"reward": 0.5}
@@ -313,3 +323,42 @@ def test_late_joiner_catches_up_and_merges() -> None:
     assert joiner.stats.step == 12
     hashes = {n.merger.anchor_hash() for n in [*early, joiner]}  # type: ignore[union-attr]
     assert len(hashes) == 1
+
+
+class FakeDemo:
+    def __init__(self, value: float) -> None:
+        self.value = value
+        self.applied: list[list[Any]] = []
+
+    def compute_components(self) -> dict[str, float]:
+        return {"w": self.value}
+
+    def apply_components(self, peers: list[Any]) -> None:
+        self.applied.append(peers)
+
+
+def test_demo_components_are_gossiped_and_applied() -> None:
+    from swarmnode.gossip import DemoExchange
+
+    bus = Bus()
+    nodes = []
+    for i in range(3):
+        learner = FakeLearner(drift=0.1)
+        demo = DemoExchange(FakeDemo(float(i)), publish=lambda s, c: None, window_s=0.05)
+        learner.opt = demo
+        nodes.append(
+            Node(
+                settings=NodeSettings(steps=6, presence_interval_s=0.02),
+                host=FakeHost(bus, f"n{i}"),
+                learner=learner,
+                wire=JsonWire(),
+                demo=demo,
+            )
+        )
+    asyncio.run(_run_all(nodes))
+    for i, n in enumerate(nodes):
+        assert n.demo.used > 0
+        seen = {c["w"] for peers in n.demo.demo.applied for c in peers}
+        assert seen
+        assert float(i) not in seen
+        assert n.blocked_on_network_s() < 6 * 0.05 + 0.1
