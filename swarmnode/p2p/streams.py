@@ -3,8 +3,9 @@
 Anything over ~512 KB travels as a gossiped manifest plus a pull over a direct stream: streams carried
 10–100 MB at 48–90 MB/s with flat memory, where gossip frames are capped at 1 MiB.
 
-Framing (never pickle): every header is `u32 big-endian length + msgpack map`; blob bodies follow their
-header as raw bytes.
+Framing (never pickle): every frame is `u32 big-endian length + body`. Blob pulls exchange
+`swarmnode.protocol` BlobRequest/BlobResponse records, one chunk per request, many requests per stream;
+request/response streams carry a msgpack status header and the raw response.
 """
 
 from __future__ import annotations
@@ -19,15 +20,17 @@ from typing import Any
 import msgpack
 import trio
 
+from swarmnode.protocol import BLOB_PROTOCOL, BlobRequest, BlobResponse, codec
 from swarmnode.protocol.errors import ProtocolError
 
 log = logging.getLogger(__name__)
 
-BLOB_PROTOCOL = "/swarmnode/blob/1.0.0"
 # Headers are tiny maps; anything bigger is garbage or an attack.
 MAX_HEADER_BYTES = 4096
-# Blob bodies are written in pieces so one transfer never holds a second copy of a big blob in a frame.
-BLOB_WRITE_CHUNK = 1 << 20
+# One BlobResponse carries at most this much (the protocol's chunk cap); a 50 MB blob is 13 round trips.
+BLOB_CHUNK = 4 << 20
+# Bounds the request loop of one blob stream (a 1 GiB blob is 256 chunks).
+MAX_REQUESTS_PER_STREAM = 1 << 16
 READ_CHUNK = 1 << 16
 _LEN = struct.Struct(">I")
 
@@ -72,13 +75,6 @@ async def read_header(stream: Any) -> dict[str, Any]:
     return header
 
 
-def _field(header: dict[str, Any], name: str, kind: type) -> Any:
-    value = header.get(name)
-    if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
-        raise ProtocolError(f"header field {name!r} must be {kind.__name__}, got {type(value).__name__}")
-    return value
-
-
 @dataclass(slots=True)
 class BlobStats:
     provided: int = 0
@@ -116,26 +112,14 @@ class BlobStore:
             self.stats.bytes_held -= len(data)
 
     async def serve(self, stream: Any) -> None:
-        """Request `{h, o, n}` → header `{ok, size, n}` (or `{ok: False, err}`) then `n` raw bytes."""
+        """Answer BlobRequests on one stream until the requester closes it."""
         try:
-            req = await read_header(stream)
-            digest = _field(req, "h", str)
-            offset = _field(req, "o", int)
-            length = _field(req, "n", int)
-            data = self._blobs.get(digest)
-            if data is None:
-                await write_header(stream, {"ok": False, "err": "unknown blob"})
-                return
-            if offset < 0 or length < 0 or offset > len(data):
-                await write_header(stream, {"ok": False, "err": "range outside the blob"})
-                return
-            end = min(len(data), offset + length)
-            await write_header(stream, {"ok": True, "size": len(data), "n": end - offset})
-            view = memoryview(data)
-            for start in range(offset, end, BLOB_WRITE_CHUNK):
-                await stream.write(bytes(view[start : min(end, start + BLOB_WRITE_CHUNK)]))
-            self.stats.served_requests += 1
-            self.stats.served_bytes += end - offset
+            for _ in range(MAX_REQUESTS_PER_STREAM):
+                raw = await read_frame_or_eof(stream, BlobRequest.MAX_BYTES)
+                if raw is None:
+                    return
+                req = codec.decode(raw, BlobRequest)
+                await write_frame(stream, codec.encode(self._answer(req)))
         except Exception as exc:  # a bad peer must never take the handler down
             self.stats.serve_errors += 1
             log.info("blob request failed: %s", exc)
@@ -143,28 +127,55 @@ class BlobStore:
         finally:
             await _close(stream)
 
+    def _answer(self, req: BlobRequest) -> BlobResponse:
+        data = self._blobs.get(req.content_hash)
+        if data is None or req.offset > len(data):
+            error = "unknown blob" if data is None else "offset past the end of the blob"
+            return BlobResponse(
+                content_hash=req.content_hash, offset=req.offset, total_size=0, data=b"", error=error
+            )
+        chunk = data[req.offset : req.offset + req.length]
+        self.stats.served_requests += 1
+        self.stats.served_bytes += len(chunk)
+        return BlobResponse(
+            content_hash=req.content_hash, offset=req.offset, total_size=len(data), data=chunk
+        )
+
+
+async def read_frame_or_eof(stream: Any, max_bytes: int) -> bytes | None:
+    first = await stream.read(_LEN.size)
+    if not first:
+        return None
+    prefix = first + await read_exactly(stream, _LEN.size - len(first)) if len(first) < _LEN.size else first
+    (size,) = _LEN.unpack(prefix)
+    if size > max_bytes:
+        raise ProtocolError(f"frame of {size} bytes exceeds the {max_bytes}-byte limit")
+    return await read_exactly(stream, size)
+
 
 async def fetch_from(open_stream: Any, digest: str, provider: str, buf: bytearray, max_size: int) -> None:
-    """Pull the rest of blob `digest` (from len(buf) on) from one provider into buf."""
+    """Pull the rest of blob `digest` (from len(buf) on) from one provider into buf, chunk by chunk."""
     stream = await open_stream(provider, BLOB_PROTOCOL)
     try:
-        await write_header(stream, {"h": digest, "o": len(buf), "n": max_size})
-        header = await read_header(stream)
-        if not header.get("ok"):
-            raise TransportError(f"provider {provider} refused: {header.get('err', 'no reason')}")
-        size = _field(header, "size", int)
-        n = _field(header, "n", int)
-        if size > max_size:
-            raise TransportError(f"blob {digest[:12]} is {size} bytes, over the {max_size}-byte cap")
-        if len(buf) + n != size:
-            raise ProtocolError(f"provider {provider} sent a range that does not reach the end of the blob")
-        remaining = n
-        while remaining:
-            chunk = await stream.read(min(READ_CHUNK * 16, remaining))
-            if not chunk:
-                raise ProtocolError(f"stream from {provider} ended {remaining} bytes early")
-            buf += chunk
-            remaining -= len(chunk)
+        total: int | None = None
+        while total is None or len(buf) < total:
+            req = BlobRequest(content_hash=digest, offset=len(buf), length=BLOB_CHUNK)
+            await write_frame(stream, codec.encode(req))
+            resp = codec.decode(await read_frame(stream, BlobResponse.MAX_BYTES), BlobResponse)
+            if resp.error:
+                raise TransportError(f"provider {provider} refused: {resp.error}")
+            if resp.content_hash != digest or resp.offset != req.offset:
+                raise ProtocolError(f"provider {provider} answered a different blob or range")
+            if resp.total_size > max_size:
+                raise TransportError(
+                    f"blob {digest[:12]} is {resp.total_size} bytes, over the {max_size}-byte cap"
+                )
+            if total is not None and resp.total_size != total:
+                raise ProtocolError(f"provider {provider} changed the blob size mid-transfer")
+            total = resp.total_size
+            if not resp.data and len(buf) < total:
+                raise ProtocolError(f"provider {provider} sent an empty chunk before the end")
+            buf += resp.data
     finally:
         await _close(stream)
 
