@@ -49,6 +49,9 @@ class ReplayBuffer:
                 q = self._by_author[author] = deque(maxlen=self.config.per_author)
             if len(q) == q.maxlen:
                 self._counts["evicted"] += 1
+            meta = getattr(g, "meta", None)
+            if isinstance(meta, dict):  # the trainer's staleness bound counts from arrival, in our steps
+                meta.setdefault("arrival_step", step)
             q.append((step, g))
             self._counts["added"] += 1
 

@@ -269,7 +269,8 @@ class Trainer:
         cfg = self.config
         t0 = time.perf_counter()
         now = step if step is not None else max((g.policy_step for g in local), default=0)
-        fresh = [g for g in external if now - g.policy_step <= cfg.staleness_steps]
+        # Peers' step counters are not ours: external age counts from arrival when the buffer stamped it.
+        fresh = [g for g in external if now - _arrival(g) <= cfg.staleness_steps]
         groups = local + fresh
         rows, skipped = self._rows(groups)
         all_rewards = [r for g in groups for r in g.rewards]
@@ -358,6 +359,10 @@ class Trainer:
             for p, samples in zip(batch, outs, strict=True):
                 correct += int(bool(get_family(p.family).is_correct(p, samples[0].text)))
         return correct / len(problems)
+
+
+def _arrival(g: Group) -> int:
+    return int(g.meta.get("arrival_step", g.policy_step))
 
 
 def rng_for(seed: int, step: int) -> random.Random:
