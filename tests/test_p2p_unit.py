@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 from libp2p.pubsub.pb import rpc_pb2
 
 from swarmnode.p2p import BridgeClosed, HostConfig, TransportError, open_host
@@ -206,6 +207,55 @@ def test_blob_store_accounting() -> None:
     assert store.stats.bytes_held == 0
 
 
+class _TrioStream:
+    """Adapts a trio in-memory stream to the read/write/close surface of a libp2p stream."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    async def read(self, n: int) -> bytes:
+        return bytes(await self.inner.receive_some(n))
+
+    async def write(self, data: bytes) -> None:
+        await self.inner.send_all(data)
+
+    async def close(self) -> None:
+        await self.inner.send_eof()
+
+    async def reset(self) -> None:
+        await self.inner.aclose()
+
+
+def test_blob_pull_in_chunks_and_bad_requests(monkeypatch: pytest.MonkeyPatch) -> None:
+    from swarmnode.p2p import streams
+
+    monkeypatch.setattr(streams, "BLOB_CHUNK", 1000)
+    store = BlobStore(BlobStats())
+    blob = os.urandom(4500)
+    digest = store.provide(blob)
+
+    async def main() -> bytearray:
+        client, server = trio.testing.memory_stream_pair()
+        buf = bytearray()
+
+        async def open_stream(_peer: str, _protocol: str) -> _TrioStream:
+            return _TrioStream(client)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(store.serve, _TrioStream(server))
+            await streams.fetch_from(open_stream, digest, "peer", buf, max_size=10_000)
+        # Garbage instead of a BlobRequest: counted, and the handler survives.
+        client, server = trio.testing.memory_stream_pair()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(store.serve, _TrioStream(server))
+            await streams.write_frame(_TrioStream(client), b"\x93garbage")
+        return buf
+
+    assert trio.run(main) == blob
+    assert store.stats.served_requests == 5
+    assert store.stats.serve_errors == 1
+
+
 # -- two real hosts in one process ---------------------------------------------------------------------------
 
 
@@ -259,6 +309,10 @@ def test_two_hosts_gossip_requests_and_blobs(tmp_path: Path) -> None:
                 assert await b.fetch(digest, [a.peer_id], max_size=1 << 20) == blob
                 with pytest.raises(TransportError, match="over the"):
                     await b.fetch(digest, [a.peer_id], max_size=1000)
+                # A provider serving other bytes under the hash is caught by the hash check.
+                a._blobs._blobs[digest] = b"evil"
+                with pytest.raises(TransportError, match="does not match the hash"):
+                    await b.fetch(digest, [a.peer_id], max_size=1 << 20)
                 a.remove_blob(digest)
                 with pytest.raises(TransportError, match="unknown blob"):
                     await b.fetch(digest, [a.peer_id], max_size=1 << 20)
