@@ -89,9 +89,18 @@ async def serve(cfg: NodeConfig, *, expect_peers: int = 1, join_wait_s: float = 
             hardware=cfg.model.device,
             verifier=learner.verify,
             samples=lambda: learner.samples_seen,
+            demo_spec=learner.demo_spec,
+            value_codec=cfg.demo.value_codec,
         )
         merger = DiLoCoMerger(learner.diloco, on_weights=learner.push_weights) if diloco.enabled else None
-        node = Node(settings=settings, host=host, learner=learner, wire=wire, merger=merger)
+        node = Node(
+            settings=settings,
+            host=host,
+            learner=learner,
+            wire=wire,
+            merger=merger,
+            demo=learner.demo_exchange,
+        )
         resumed = learner.resume()
         if resumed is not None:
             node.stats.step, node.stats.round = resumed

@@ -44,6 +44,8 @@ class TrainerLearner:
         self.samples_seen = 0
         self.rng = random.Random(seed)
         self.rejects: dict[str, int] = {}
+        self.demo_exchange: Any = None  # gossip.DemoExchange when DeMo components are gossiped
+        self.demo_spec: Any = None
 
     # -- what Node calls ---------------------------------------------------------------------------
 
@@ -117,7 +119,7 @@ def build_learner(cfg: Any, data_dir: Path) -> TrainerLearner:
     """Everything heavy, built once in a worker thread before the host starts."""
     from swarmnode.checkpoint import CheckpointManager
     from swarmnode.engines import SamplingParams, make_engine  # noqa: F401 - engine options below
-    from swarmnode.optim import build_optimizer
+    from swarmnode.optim import OptimConfig, build_optimizer
     from swarmnode.optim.diloco import DiLoCo
     from swarmnode.policy import load_policy
     from swarmnode.replay import ReplayBuffer, ReplayConfig
@@ -145,12 +147,21 @@ def build_learner(cfg: Any, data_dir: Path) -> TrainerLearner:
         temperature=t.temperature,
         staleness_steps=t.staleness_steps,
     )
-    optimizer = build_optimizer(t.optimizer, policy.model.named_parameters(), grpo)
+    d = cfg.demo
+    optim_cfg = OptimConfig(lr=t.lr, demo_k=d.topk, demo_chunk=d.chunk, demo_use_dct=d.use_dct)
+    optimizer: Any = build_optimizer(t.optimizer, policy.model.named_parameters(), optim_cfg)
+    demo = None
+    if t.optimizer == "demo" and d.gossip:
+        from swarmnode.gossip import DemoExchange
+
+        # The node sets the publish callback; the trainer steps the exchange like any optimizer.
+        demo = optimizer
+        optimizer = DemoExchange(optimizer, publish=lambda step, comps: None)
     trainer = Trainer(policy, engine, optimizer, grpo, None)
     diloco = None
     if cfg.diloco.enabled:
         diloco = DiLoCo(policy.model.named_parameters(), lr=cfg.diloco.outer_lr, momentum=cfg.diloco.momentum)
-    return TrainerLearner(
+    learner = TrainerLearner(
         policy=policy,
         engine=engine,
         trainer=trainer,
@@ -162,3 +173,11 @@ def build_learner(cfg: Any, data_dir: Path) -> TrainerLearner:
         diloco=diloco,
         checkpoints=CheckpointManager(data_dir / "checkpoints", keep=cfg.checkpoint.keep),
     )
+    if demo is not None:
+        learner.demo_exchange = optimizer
+        learner.demo_spec = lambda name: (
+            tuple(demo._by_name[name].shape),
+            demo.transforms[name].n_chunks,
+            demo.transforms[name].chunk_numel,
+        )
+    return learner
