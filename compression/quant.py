@@ -1,0 +1,186 @@
+"""Dense int8 block quantisation for pseudo-gradients, and a msgpack tensor-dict container.
+
+int8 layout (little-endian): magic b"Q8" | version u8 | block u32 | numel u64 | float32 scale per
+block | int8 per element. Scale = max|x| / 127 per block of `block` elements (4096 by default: the
+scales then cost 1/1024 byte per element, and one outlier only coarsens its own block).
+
+Tensor dict: msgpack map {"v": 1, "t": [[name, dtype, shape, raw little-endian bytes], ...]}. No
+pickle: a peer's bytes can only ever become plain tensors of an allowed dtype.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+
+import msgpack
+import numpy as np
+import torch
+from swarmnode.protocol.errors import ProtocolError
+from torch import Tensor
+
+_Q_HEADER = struct.Struct("<2sBIQ")
+_Q_MAGIC = b"Q8"
+_Q_VERSION = 1
+MAX_BLOCK = 1 << 24
+
+# dtype name -> (torch dtype, little-endian numpy dtype used for the raw buffer)
+_DTYPES: dict[str, tuple[torch.dtype, str]] = {
+    "float32": (torch.float32, "<f4"),
+    "float64": (torch.float64, "<f8"),
+    "float16": (torch.float16, "<f2"),
+    "bfloat16": (torch.bfloat16, "<i2"),  # numpy has no bfloat16; ship the raw 16-bit pattern
+    "int64": (torch.int64, "<i8"),
+    "int32": (torch.int32, "<i4"),
+    "int16": (torch.int16, "<i2"),
+    "int8": (torch.int8, "i1"),
+    "uint8": (torch.uint8, "u1"),
+    "bool": (torch.bool, "u1"),
+}
+_NAMES = {v[0]: k for k, v in _DTYPES.items()}
+_MAX_DIMS = 8
+_MAX_NAME = 256
+
+
+def quantized_size(numel: int, block: int) -> int:
+    return _Q_HEADER.size + 4 * -(-numel // block) + numel
+
+
+def quantize_int8(t: Tensor, *, block: int = 4096) -> bytes:
+    if not 1 <= block <= MAX_BLOCK:
+        raise ValueError(f"block: expected 1..{MAX_BLOCK}, got {block}")
+    x = t.detach().to(torch.float32).reshape(-1).cpu()
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("t: non-finite entries cannot be quantised")
+    numel = x.numel()
+    n_blocks = -(-numel // block)
+    padded = torch.nn.functional.pad(x, (0, n_blocks * block - numel)).reshape(n_blocks, block)
+    scale = padded.abs().amax(dim=1) / 127.0
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.clamp(torch.round(padded / safe[:, None]), -127, 127).to(torch.int8).reshape(-1)[:numel]
+    header = _Q_HEADER.pack(_Q_MAGIC, _Q_VERSION, block, numel)
+    return header + scale.numpy().astype("<f4").tobytes() + q.numpy().tobytes()
+
+
+def dequantize_int8(data: bytes, *, shape: tuple[int, ...] | torch.Size, max_bytes: int) -> Tensor:
+    """Inverse of `quantize_int8` into `shape`; ProtocolError for bytes that do not fit exactly."""
+    if len(data) > max_bytes:
+        raise ProtocolError(f"int8: {len(data)} bytes exceeds max_bytes {max_bytes}")
+    if len(data) < _Q_HEADER.size:
+        raise ProtocolError("int8: shorter than the header")
+    magic, version, block, numel = _Q_HEADER.unpack_from(data)
+    if magic != _Q_MAGIC or version != _Q_VERSION:
+        raise ProtocolError(f"int8: bad magic/version {magic!r}/{version}")
+    want_numel = math.prod(int(d) for d in shape)
+    if numel != want_numel:
+        raise ProtocolError(f"int8: holds {numel} elements, shape {tuple(shape)} needs {want_numel}")
+    if not 1 <= block <= MAX_BLOCK:
+        raise ProtocolError(f"int8: block {block} out of range")
+    n_blocks = -(-numel // block)
+    if len(data) != quantized_size(numel, block):
+        raise ProtocolError(f"int8: size {len(data)} does not match {numel} elements in blocks of {block}")
+    scale = np.frombuffer(data, dtype="<f4", count=n_blocks, offset=_Q_HEADER.size).astype(np.float32)
+    if not np.isfinite(scale).all() or (scale < 0).any():
+        raise ProtocolError("int8: scales must be finite and >= 0")
+    q = np.frombuffer(data, dtype=np.int8, offset=_Q_HEADER.size + 4 * n_blocks).astype(np.float32)
+    out = q * np.repeat(scale, block)[:numel]
+    return torch.from_numpy(out).reshape(tuple(shape))
+
+
+class Int8ErrorFeedback:
+    """int8 quantisation whose rounding error is carried into the next call for the same name."""
+
+    __slots__ = ("_residual", "block")
+
+    def __init__(self, *, block: int = 4096) -> None:
+        if not 1 <= block <= MAX_BLOCK:
+            raise ValueError(f"block: expected 1..{MAX_BLOCK}, got {block}")
+        self.block = block
+        self._residual: dict[str, Tensor] = {}
+
+    def quantize(self, name: str, t: Tensor) -> bytes:
+        x = t.detach().to(torch.float32).cpu()
+        r = self._residual.get(name)
+        if r is not None and r.shape == x.shape:
+            x = x + r
+        data = quantize_int8(x, block=self.block)
+        self._residual[name] = x - dequantize_int8(data, shape=x.shape, max_bytes=len(data))
+        return data
+
+    def residual(self, name: str) -> Tensor | None:
+        return self._residual.get(name)
+
+    def reset(self) -> None:
+        self._residual.clear()
+
+
+def encode_tensor_dict(d: dict[str, Tensor]) -> bytes:
+    items = []
+    for name, t in d.items():
+        if not isinstance(name, str) or not 1 <= len(name) <= _MAX_NAME:
+            raise ValueError(f"name: expected a 1..{_MAX_NAME} character string, got {name!r}")
+        if t.dtype not in _NAMES:
+            raise ValueError(f"{name}: dtype {t.dtype} is not serialisable")
+        c = t.detach().cpu().contiguous()
+        if c.dtype == torch.bfloat16:
+            raw = c.view(torch.int16).numpy()
+        else:
+            raw = c.numpy()
+        dtype_name = _NAMES[t.dtype]
+        items.append(
+            [name, dtype_name, list(c.shape), raw.astype(_DTYPES[dtype_name][1], copy=False).tobytes()]
+        )
+    return msgpack.packb({"v": 1, "t": items}, use_bin_type=True)
+
+
+def decode_tensor_dict(data: bytes, *, max_bytes: int) -> dict[str, Tensor]:
+    if len(data) > max_bytes:
+        raise ProtocolError(f"tensor dict: {len(data)} bytes exceeds max_bytes {max_bytes}")
+    try:
+        # Container lengths can never exceed the input size; cap them so a header cannot ask for more.
+        obj = msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=True,
+            max_bin_len=len(data),
+            max_str_len=_MAX_NAME * 4,
+            max_array_len=len(data),
+            max_map_len=8,
+            max_ext_len=0,
+        )
+    except Exception as exc:  # msgpack raises many types (ValueError, ExtraData, FormatError, ...)
+        raise ProtocolError(f"tensor dict: not valid msgpack ({type(exc).__name__})") from None
+    if not isinstance(obj, dict) or obj.get("v") != 1 or not isinstance(obj.get("t"), list):
+        raise ProtocolError("tensor dict: expected {'v': 1, 't': [...]}")
+    out: dict[str, Tensor] = {}
+    for item in obj["t"]:
+        if not (isinstance(item, list) and len(item) == 4):
+            raise ProtocolError("tensor dict: each entry must be [name, dtype, shape, bytes]")
+        name, dtype_name, shape, raw = item
+        if not isinstance(name, str) or not 1 <= len(name) <= _MAX_NAME or name in out:
+            raise ProtocolError(f"tensor dict: bad or duplicate name {name!r:.80}")
+        if dtype_name not in _DTYPES:
+            raise ProtocolError(f"tensor dict: {name}: unknown dtype {dtype_name!r:.40}")
+        if (
+            not isinstance(shape, list)
+            or len(shape) > _MAX_DIMS
+            or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**40 for s in shape)
+        ):
+            raise ProtocolError(f"tensor dict: {name}: bad shape")
+        if not isinstance(raw, bytes):
+            raise ProtocolError(f"tensor dict: {name}: data must be bytes")
+        torch_dtype, np_dtype = _DTYPES[dtype_name]
+        itemsize = np.dtype(np_dtype).itemsize
+        if len(raw) != math.prod(shape) * itemsize:
+            raise ProtocolError(f"tensor dict: {name}: {len(raw)} bytes for shape {shape} of {dtype_name}")
+        arr = np.frombuffer(raw, dtype=np_dtype).reshape(shape)
+        if dtype_name == "bool":
+            if (arr > 1).any():
+                raise ProtocolError(f"tensor dict: {name}: bool bytes must be 0 or 1")
+            t = torch.from_numpy(arr.astype(np.bool_))
+        else:
+            t = torch.from_numpy(arr.astype(arr.dtype.newbyteorder("="), copy=True))
+            if dtype_name == "bfloat16":
+                t = t.view(torch.bfloat16)
+        out[name] = t.to(torch_dtype) if t.dtype != torch_dtype else t
+    return out
