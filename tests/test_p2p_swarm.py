@@ -58,6 +58,11 @@ def test_every_node_receives_every_node(swarm: list[NodeProcess]) -> None:
     assert swarm[1].peer_id not in swarm[1].call("report", tag=tag)["origins"]
 
 
+def test_dht_discovery_connects_leaves(swarm: list[NodeProcess]) -> None:
+    # Leaves only know node 0; Kademlia lookups must find the other leaves.
+    assert wait_until(lambda: all(len(n.call("peers")["peers"]) == N - 1 for n in swarm), 15, interval=0.3)
+
+
 def test_rejects_malformed_oversized_forged_unsigned(swarm: list[NodeProcess]) -> None:
     # Node 0 is everyone's neighbour, so the attacker's messages reach its validator directly.
     attacker, victim = swarm[2], swarm[0]
