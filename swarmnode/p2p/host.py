@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import hashlib
 import logging
@@ -20,7 +21,7 @@ from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.peer.id import ID
 from libp2p.tools.anyio_service import background_trio_service
 
-from swarmnode.p2p.bridge import TrioBridge, open_trio_bridge
+from swarmnode.p2p.bridge import BridgeClosed, TrioBridge, open_trio_bridge
 from swarmnode.p2p.config import HostConfig, Message
 from swarmnode.p2p.dialer import Dialer
 from swarmnode.p2p.gossip import (
@@ -137,7 +138,8 @@ class Host:
         if validator is not None:
             validators.append(validator)
         if first:
-            self._b().start_soon(self._trio_subscribe, topic, validators)
+            future = self._b().start_soon(self._trio_subscribe, topic, validators)
+            future.add_done_callback(lambda f: _log_reader_end(topic, f))
         return sub
 
     async def _trio_subscribe(self, topic: str, validators: list[Validator]) -> None:
@@ -389,6 +391,12 @@ class Host:
     def _t(self) -> _Trio:
         assert self._trio is not None, "trio state is set before open_host yields"
         return self._trio
+
+
+def _log_reader_end(topic: str, future: concurrent.futures.Future[Any]) -> None:
+    exc = future.exception()
+    if exc is not None and not isinstance(exc, BridgeClosed):
+        log.error("subscription to %s stopped: %r; no more messages will arrive on it", topic, exc)
 
 
 def _full_addr(addr: multiaddr.Multiaddr, peer_id: str) -> str:
