@@ -293,6 +293,7 @@ class Trainer:
         if not rows:  # every group had zero variance: nothing to learn from, no optimizer step
             m["tokens_per_s"] = 0.0
             m["step_s"] = time.perf_counter() - t0
+            self.metrics.write({"step": now, **m})
             return m
         self.model.train()
         n_tokens = float(sum(len(r.completion_ids) for r in rows))
@@ -340,6 +341,7 @@ class Trainer:
         m["tokens"] = n_tokens
         m["step_s"] = time.perf_counter() - t0
         m["tokens_per_s"] = n_tokens * cfg.ppo_epochs / max(m["step_s"], 1e-9)
+        self.metrics.write({"step": now, **m})
         return m
 
     # --- evaluation -----------------------------------------------------------------------------
