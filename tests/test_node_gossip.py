@@ -123,3 +123,42 @@ def test_protocol_wire_presence_and_kinds() -> None:
     assert (rec.step, rec.round, rec.swarm) == (2, 1, "local")
     with pytest.raises(ProtocolError):
         wire.decode(b"\x00garbage")
+
+
+def test_demo_components_round_trip_through_the_wire() -> None:
+    from swarmnode.optim.demo import DeMo
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(70, 5)
+    demo = DeMo(model.named_parameters(), k=8)
+    model(torch.randn(4, 70)).pow(2).sum().backward()
+    own = demo.compute_components()
+
+    def spec(name: str) -> tuple[tuple[int, ...], int, int]:
+        t = demo.transforms[name]
+        return tuple(demo._by_name[name].shape), t.n_chunks, t.chunk_numel
+
+    wire = ProtocolWire(
+        swarm="t", addrs=lambda: [], engine="hf", hardware="cpu", verifier=lambda b: ([], 0), demo_spec=spec
+    )
+    data = wire.encode_demo(author=PEER, cohort=FP, step=4, components=own)
+    step, back = wire.demo_of(wire.decode(data))
+    assert step == 4
+    for name, (idx, vals) in own.items():
+        assert torch.equal(back[name][0].long().sort(dim=-1).values, idx.long().sort(dim=-1).values)
+        assert (
+            back[name][1].float().abs().sum() - vals.float().abs().sum()
+        ).abs() < 0.05 * vals.abs().sum() + 1e-6
+    before = model.weight.detach().clone()
+    demo.apply_components([back])
+    assert not torch.equal(before, model.weight)
+    other = ProtocolWire(
+        swarm="t",
+        addrs=lambda: [],
+        engine="hf",
+        hardware="cpu",
+        verifier=lambda b: ([], 0),
+        demo_spec=lambda name: ((1, 1), 1, 1),
+    )
+    with pytest.raises(ProtocolError, match="chunking"):
+        other.demo_of(wire.decode(data))
