@@ -21,7 +21,15 @@ from typing import IO, Any
 
 # Printed by the daemon on start; the launcher greps for it to learn node 0's full address.
 MULTIADDR_PREFIX = "swarmnode listening on "
-STOP_GRACE_S = 20.0  # SIGTERM lets a node write its final checkpoint; SIGKILL after this
+STOP_GRACE_S = 20.0
+# Settings tuned for the tiny local model (the config defaults target real models): AdamW 1e-3 and
+# short answers. Given first, so anything after `--` on the command line overrides them.
+TINY_MODEL_ARGS = [
+    "--lr",
+    "1e-3",
+    "--max-new-tokens",
+    "8",
+]  # SIGTERM lets a node write its final checkpoint; SIGKILL after this
 
 
 @dataclass(kw_only=True, slots=True)
@@ -116,7 +124,7 @@ def _node_command(plan: SwarmPlan, index: int, data_dir: Path, bootstrap: str) -
         cmd += ["--diloco", "--inner-steps", str(plan.merge_every)]
     # Hear every other node before the first step, so round 1 already merges all of them.
     cmd += ["--expect-peers", str(plan.nodes - 1), "--join-wait", "20"] if plan.nodes > 1 else []
-    return cmd + plan.node_args
+    return cmd + TINY_MODEL_ARGS + plan.node_args
 
 
 def _start(plan: SwarmPlan, index: int, bootstrap: str, node_cmd: list[str] | None) -> NodeProc:

@@ -92,7 +92,15 @@ class TrainerLearner:
             ds = self.diloco.state_dict()
             tensors.update({f"diloco.{k}": v for k, v in ds.items() if isinstance(v, torch.Tensor)})
             state["diloco"] = {k: v for k, v in ds.items() if not isinstance(v, torch.Tensor)}
+        from swarmnode.checkpoint import optimizer_to_tensors
+
+        opt_tensors, state["optimizer"] = optimizer_to_tensors(self._inner_optimizer())
+        tensors.update(opt_tensors)
         self.checkpoints.save(step, tensors, state)
+
+    def _inner_optimizer(self) -> Any:
+        opt = self.trainer.optimizer
+        return getattr(opt, "demo", opt)  # DemoExchange wraps the DeMo optimizer
 
     def resume(self) -> tuple[int, int] | None:
         loaded = self.checkpoints.load_latest()
@@ -107,6 +115,10 @@ class TrainerLearner:
             }
             ds.update(state.get("diloco", {}))
             self.diloco.load_state_dict(ds, reset_local=False)
+        if "optimizer" in state:
+            from swarmnode.checkpoint import optimizer_from_tensors
+
+            optimizer_from_tensors(self._inner_optimizer(), tensors, state["optimizer"])
         self.samples_seen = int(state.get("samples_seen", 0))
         self.push_weights()
         return int(step), int(state.get("round", 0))
