@@ -108,10 +108,8 @@ def decode_indices(data: bytes, n_chunks: int, k: int, chunk_numel: int) -> np.n
     q = np.diff(ones, prepend=-1) - 1
     gaps = q << b
     if b:
-        bits = np.unpackbits(
-            np.frombuffer(data, dtype=np.uint8, count=rem_len, offset=HEADER_SIZE + unary_len)
-        )
-        bits = bits[: n * b].reshape(n, b).astype(np.int64)
+        packed = np.frombuffer(data, dtype=np.uint8, count=rem_len, offset=HEADER_SIZE + unary_len)
+        bits = np.unpackbits(packed)[: n * b].reshape(n, b).astype(np.int64)
         gaps = gaps + (bits << np.arange(b - 1, -1, -1)).sum(axis=1)
     # Gaps are >= 0 by construction, so rows are strictly increasing; only the top end needs checking.
     idx = np.cumsum(gaps.reshape(n_chunks, k) + 1, axis=1) - 1

@@ -23,6 +23,7 @@ _Q_HEADER = struct.Struct("<2sBIQ")
 _Q_MAGIC = b"Q8"
 _Q_VERSION = 1
 MAX_BLOCK = 1 << 24
+_MAX_SCALE = float(np.finfo(np.float32).max) / 128
 
 # dtype name -> (torch dtype, little-endian numpy dtype used for the raw buffer)
 _DTYPES: dict[str, tuple[torch.dtype, str]] = {
@@ -80,8 +81,9 @@ def dequantize_int8(data: bytes, *, shape: tuple[int, ...] | torch.Size, max_byt
     if len(data) != quantized_size(numel, block):
         raise ProtocolError(f"int8: size {len(data)} does not match {numel} elements in blocks of {block}")
     scale = np.frombuffer(data, dtype="<f4", count=n_blocks, offset=_Q_HEADER.size).astype(np.float32)
-    if not np.isfinite(scale).all() or (scale < 0).any():
-        raise ProtocolError("int8: scales must be finite and >= 0")
+    # 127 * scale must stay finite, or dequantised values would be inf.
+    if not (np.isfinite(scale) & (scale >= 0) & (scale <= _MAX_SCALE)).all():
+        raise ProtocolError(f"int8: scales must be in [0, {_MAX_SCALE:.3g}]")
     q = np.frombuffer(data, dtype=np.int8, offset=_Q_HEADER.size + 4 * n_blocks).astype(np.float32)
     out = q * np.repeat(scale, block)[:numel]
     return torch.from_numpy(out).reshape(tuple(shape))

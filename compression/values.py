@@ -1,8 +1,10 @@
 """Value coding for top-k components: int8 with a per-chunk scale, or 1-bit sign with one scale.
 
-int8: per chunk, scale = max|v| / 127 as float16, then round(v / scale). Top-k values of one chunk
-are all among its largest, so a max-scaled int8 keeps them to within 0.4% of the chunk's max.
-Layout: n_chunks float16 scales | n_chunks*k int8.
+int8: per chunk, scale = max|v| / 127 as bfloat16 (rounded up), then round(v / scale). Top-k
+values of one chunk are all among its largest, so a max-scaled int8 keeps them to within 0.4% of
+the chunk's max. bfloat16, not float16: DeMo momentum is scaled by the learning rate and can sit
+far below float16's normal range (6e-5), where a float16 scale would flush whole chunks to zero;
+float32 scales would cost 0.5 bit per value more. Layout: n_chunks bfloat16 scales | n_chunks*k int8.
 
 sign: one float32 scale per tensor, mean |v|, then one bit per value (1 = negative), packed MSB
 first. DeMo applies sign(aggregate) anyway, so the scale only keeps average magnitudes right when
@@ -18,8 +20,17 @@ from swarmnode.protocol.errors import ProtocolError
 from torch import Tensor
 
 CODECS = ("int8", "sign")
-# float16 max; a larger scale would overflow to inf.
-_F16_MAX = 65504.0
+_MAX_SCALE = float(np.finfo(np.float32).max) / 128
+
+
+def _bf16_round_up(x: np.ndarray) -> np.ndarray:
+    """bfloat16 bit patterns of non-negative float32 `x`, rounded up so max|v| / scale <= 127."""
+    bits = x.astype(np.float32).view(np.uint32).astype(np.uint64)
+    return ((bits + 0xFFFF) >> 16).astype(np.uint16)
+
+
+def _bf16_to_f32(bits: np.ndarray) -> np.ndarray:
+    return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
 def encoded_size(n_chunks: int, k: int, codec: str) -> int:
@@ -46,12 +57,11 @@ def encode_values(values: Tensor | np.ndarray, codec: str) -> bytes:
     v = _values_2d(values)
     if codec == "int8":
         amax = np.abs(v).max(axis=1) if v.size else np.zeros(v.shape[0], np.float32)
-        # Round the scale to float16 first and quantise with the rounded value, so decode matches.
-        scale = np.minimum(amax / 127.0, _F16_MAX).astype(np.float16)
-        s32 = scale.astype(np.float32)
-        safe = np.where(s32 > 0, s32, 1.0)[:, None]
+        scale_bits = _bf16_round_up((amax / np.float32(127.0)).astype(np.float32))
+        scale = _bf16_to_f32(scale_bits)
+        safe = np.where(scale > 0, scale, np.float32(1.0))[:, None]
         q = np.clip(np.rint(v / safe), -127, 127).astype(np.int8)
-        return scale.astype("<f2").tobytes() + q.tobytes()
+        return scale_bits.astype("<u2").tobytes() + q.tobytes()
     if codec == "sign":
         scale = np.float32(np.abs(v).mean()) if v.size else np.float32(0.0)
         bits = np.packbits((v < 0).ravel())
@@ -67,20 +77,21 @@ def decode_values(data: bytes, n_chunks: int, k: int, codec: str) -> Tensor:
     if len(data) != want:
         raise ProtocolError(f"values: expected {want} bytes for {n_chunks}x{k} {codec}, got {len(data)}")
     if codec == "int8":
-        scale = np.frombuffer(data, dtype="<f2", count=n_chunks).astype(np.float32)
-        if not np.isfinite(scale).all() or (scale < 0).any():
-            raise ProtocolError("values: int8 scales must be finite and >= 0")
+        scale = _bf16_to_f32(np.frombuffer(data, dtype="<u2", count=n_chunks))
+        # 127 * scale must stay finite, or dequantised values would be inf.
+        if not (np.isfinite(scale) & (scale >= 0) & (scale <= _MAX_SCALE)).all():
+            raise ProtocolError(f"values: int8 scales must be in [0, {_MAX_SCALE:.3g}]")
         q = np.frombuffer(data, dtype=np.int8, offset=2 * n_chunks).reshape(n_chunks, k)
         if (q == -128).any():
             raise ProtocolError("values: int8 value -128 is never produced by the encoder")
         out = q.astype(np.float32) * scale[:, None]
     else:
-        scale = float(np.frombuffer(data, dtype="<f4", count=1)[0])
-        if not np.isfinite(scale) or scale < 0:
+        sign_scale = float(np.frombuffer(data, dtype="<f4", count=1)[0])
+        if not np.isfinite(sign_scale) or sign_scale < 0:
             raise ProtocolError("values: sign scale must be finite and >= 0")
         bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8, offset=4))
         n = n_chunks * k
         if bits[n:].any():
             raise ProtocolError("values: sign padding bits must be zero")
-        out = np.where(bits[:n].reshape(n_chunks, k) == 1, -scale, scale).astype(np.float32)
+        out = np.where(bits[:n].reshape(n_chunks, k) == 1, -sign_scale, sign_scale).astype(np.float32)
     return torch.from_numpy(np.ascontiguousarray(out))

@@ -18,10 +18,10 @@ import json
 import math
 import random
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import numpy as np
 import torch
 from swarmnode.compression import components, dct, framing, indices, quant, values
 from swarmnode.protocol import codec, limits
@@ -239,7 +239,11 @@ def mutate(data: bytes, rng: random.Random) -> bytes:
 
 
 def fuzz(n: int, seed: int) -> tuple[int, int, dict[str, int]]:
-    """Decode n mutated inputs; a failure is any exception other than ProtocolError."""
+    """Decode n mutated inputs; a failure is any exception other than ProtocolError.
+
+    Warnings count as failures too (an overflow warning means inf/nan leaked into a tensor).
+    """
+    warnings.simplefilter("error")
     rng = random.Random(seed)
     failures = 0
     kinds: dict[str, int] = {}
@@ -316,5 +320,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    np.seterr(all="ignore")
     main()

@@ -60,8 +60,8 @@ def _check_indices(orig: Any, got: np.ndarray) -> None:
 
 def _check_int8_values(orig: Any, got: torch.Tensor) -> None:
     vals = orig[1]
-    # Half a quantisation step of the chunk's max, plus float16 rounding of the scale (2^-11 relative).
-    bound = vals.abs().amax(dim=1, keepdim=True) * (0.5 / 127 + 2**-10)
+    # Half a quantisation step; the bfloat16 scale is rounded up by at most 2^-7 relative.
+    bound = vals.abs().amax(dim=1, keepdim=True) * (0.5 / 127) * (1 + 2**-7) * (1 + 1e-6)
     assert bool(((got - vals).abs() <= bound + 1e-12).all())
 
 
@@ -300,7 +300,7 @@ def test_indices_round_trip_any_geometry(n_chunks: int, chunk_numel: int, k_frac
 
 @settings(max_examples=60, deadline=None)
 @given(
-    vals=st.lists(st.floats(-1e4, 1e4, allow_nan=False, width=32), min_size=1, max_size=64),
+    vals=st.lists(st.floats(-(2.0**100), 2.0**100, allow_nan=False, width=32), min_size=1, max_size=64),
     codec=st.sampled_from(["int8", "sign"]),
 )
 def test_values_round_trip_property(vals: list[float], codec: str) -> None:
