@@ -85,7 +85,13 @@ def dequantize_int8(data: bytes, *, shape: tuple[int, ...] | torch.Size, max_byt
     if not (np.isfinite(scale) & (scale >= 0) & (scale <= _MAX_SCALE)).all():
         raise ProtocolError(f"int8: scales must be in [0, {_MAX_SCALE:.3g}]")
     q = np.frombuffer(data, dtype=np.int8, offset=_Q_HEADER.size + 4 * n_blocks).astype(np.float32)
-    out = q * np.repeat(scale, block)[:numel]
+    # Full blocks as a 2-D product, the short tail separately: never allocate past numel, whatever
+    # block size the header names.
+    full = numel // block * block
+    out = np.empty(numel, dtype=np.float32)
+    out[:full] = (q[:full].reshape(-1, block) * scale[: full // block, None]).reshape(-1)
+    if full < numel:
+        out[full:] = q[full:] * scale[-1]
     return torch.from_numpy(out).reshape(tuple(shape))
 
 

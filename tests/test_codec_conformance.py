@@ -323,3 +323,17 @@ def test_index_bits_near_bound() -> None:
     idx, _, c = _topk_sample(random.Random(9), n_chunks=200)
     bits = len(indices.encode_indices(idx, c)) * 8 / idx.numel()
     assert bits <= 1.1 * indices.index_bits_bound(32, c)
+
+
+def test_int8_values_keep_tiny_magnitudes() -> None:
+    # lr-scaled momentum can sit far below float16's normal range; it must not flush to zero.
+    v = torch.randn(4, 32) * 1e-9
+    got = values.decode_values(values.encode_values(v, "int8"), 4, 32, "int8")
+    _check_int8_values((None, v), got)
+    assert bool((got != 0).any())
+
+
+def test_int8_quant_header_block_cannot_inflate_allocation() -> None:
+    data = quant.quantize_int8(torch.ones(3), block=quant.MAX_BLOCK)
+    got = quant.dequantize_int8(data, shape=(3,), max_bytes=CAP)
+    assert torch.equal(got, torch.ones(3))
