@@ -33,7 +33,7 @@ def decode_components(
 ) -> tuple[Tensor, Tensor]:
     """(int64 indices [n_chunks, k], float32 values [n_chunks, k]); ProtocolError for bad bytes."""
     if n_chunks < 0 or k < 0 or chunk_numel < 1 or k > chunk_numel:
-        raise ValueError(f"n_chunks/k/chunk_numel: invalid geometry {n_chunks}/{k}/{chunk_numel}")
+        raise ProtocolError(f"n_chunks/k/chunk_numel: invalid geometry {n_chunks}/{k}/{chunk_numel}")
     val_len = _values.encoded_size(n_chunks, k, value_codec)
     if len(data) > max_encoded_size(n_chunks, k, chunk_numel, value_codec):
         raise ProtocolError(f"components: {len(data)} bytes exceeds the bound for {n_chunks}x{k}")

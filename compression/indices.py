@@ -79,7 +79,7 @@ def encode_indices(indices: np.ndarray | Tensor, chunk_numel: int) -> bytes:
 def decode_indices(data: bytes, n_chunks: int, k: int, chunk_numel: int) -> np.ndarray:
     """Inverse of `encode_indices`; validates everything and raises ProtocolError for bad bytes."""
     if n_chunks < 0 or k < 0 or chunk_numel < 1 or k > chunk_numel:
-        raise ValueError(f"n_chunks/k/chunk_numel: invalid geometry {n_chunks}/{k}/{chunk_numel}")
+        raise ProtocolError(f"n_chunks/k/chunk_numel: invalid geometry {n_chunks}/{k}/{chunk_numel}")
     if len(data) > max_encoded_size(n_chunks, k, chunk_numel):
         raise ProtocolError(
             f"indices: {len(data)} bytes exceeds the bound for {n_chunks}x{k} of {chunk_numel}"

@@ -72,7 +72,7 @@ def encode_values(values: Tensor | np.ndarray, codec: str) -> bytes:
 def decode_values(data: bytes, n_chunks: int, k: int, codec: str) -> Tensor:
     """Inverse of `encode_values` (lossy); ProtocolError for a wrong size or non-finite scales."""
     if n_chunks < 0 or k < 0:
-        raise ValueError(f"n_chunks/k: expected >= 0, got {n_chunks}/{k}")
+        raise ProtocolError(f"n_chunks/k: expected >= 0, got {n_chunks}/{k}")
     want = encoded_size(n_chunks, k, codec)
     if len(data) != want:
         raise ProtocolError(f"values: expected {want} bytes for {n_chunks}x{k} {codec}, got {len(data)}")
