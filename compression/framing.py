@@ -21,12 +21,16 @@ _HEADER = struct.Struct("<2sBQI")
 HEADER_SIZE = _HEADER.size
 # Read the zstd stream in pieces so a lying frame is stopped after at most one extra piece.
 _READ_PIECE = 1 << 20
+# zstd allocates its window from the frame header, not from our declared size: cap it. Levels up to
+# 19 use at most 2^23 (8 MiB); zstd shrinks the window to the content size for smaller inputs.
+_MAX_WINDOW_LOG = 23
+_MAX_LEVEL = 19
 
 
 def compress(data: bytes, *, level: int = 3) -> bytes:
     """Frame `data` as zstd with its size and checksum in front."""
-    if not -7 <= level <= 22:
-        raise ValueError(f"level: expected -7..22, got {level}")
+    if not -7 <= level <= _MAX_LEVEL:
+        raise ValueError(f"level: expected -7..{_MAX_LEVEL}, got {level}")
     payload = zstandard.ZstdCompressor(level=level).compress(bytes(data))
     return _HEADER.pack(MAGIC, VERSION, len(data), zlib.crc32(data)) + payload
 
@@ -48,7 +52,9 @@ def decompress(frame: bytes, *, max_size: int) -> bytes:
     pieces: list[bytes] = []
     got = 0
     try:
-        reader = zstandard.ZstdDecompressor().stream_reader(payload, read_across_frames=False)
+        window_log = min(_MAX_WINDOW_LOG, max(10, (declared - 1).bit_length()))
+        decompressor = zstandard.ZstdDecompressor(max_window_size=1 << window_log)
+        reader = decompressor.stream_reader(payload, read_across_frames=False)
         with reader:
             # Bounded loop: every non-empty read adds >= 1 byte and we stop past declared.
             while got <= declared:

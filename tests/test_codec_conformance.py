@@ -252,8 +252,12 @@ def test_framing_zip_bomb_is_rejected_before_decompressing() -> None:
 
 def test_framing_lying_size_is_rejected() -> None:
     frame = bytearray(framing.compress(b"\x00" * 100_000))
-    # Declare 10 bytes: the reader stops at 11 and the frame is refused.
+    # Declare 10 bytes: the window zstd needs is above what 10 bytes allow, so it is refused
+    # before decoding; with a window that fits, the reader stops one byte past the declared size.
     frame[3:11] = (10).to_bytes(8, "little")
+    with pytest.raises(ProtocolError, match="memory"):
+        framing.decompress(bytes(frame), max_size=CAP)
+    frame[3:11] = (70_000).to_bytes(8, "little")
     with pytest.raises(ProtocolError, match="declared size"):
         framing.decompress(bytes(frame), max_size=CAP)
 
