@@ -55,6 +55,20 @@ def warm_up(nodes: list[NodeProcess]) -> None:
     raise RuntimeError("mesh did not form: some node never heard some other node")
 
 
+def wait_settled(nodes: list[NodeProcess], tag: str, expected: int, quiet_s: float = 3.0) -> int:
+    """Wait until every expected message arrived, or no new one arrived for quiet_s; return the total."""
+    last, changed_at = -1, time.perf_counter()
+    while True:
+        total = sum(counts(nodes, tag))
+        if total >= expected:
+            return total
+        if total != last:
+            last, changed_at = total, time.perf_counter()
+        elif time.perf_counter() - changed_at > quiet_s:
+            return total
+        time.sleep(0.2)
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
@@ -90,16 +104,8 @@ def main() -> int:
         published = nodes[1].call(
             "publish", topic=TOPIC, tag="burst", count=args.burst, size=args.size, timeout=300
         )
-        last, stable_since = -1, time.perf_counter()
-        while time.perf_counter() - stable_since < 3.0:
-            total = sum(counts(nodes, "burst"))
-            if total >= expected:
-                break
-            if total != last:
-                last, stable_since = total, time.perf_counter()
-            time.sleep(0.2)
+        total = wait_settled(nodes, "burst", expected)
         delivered_s = time.perf_counter() - start
-        total = sum(counts(nodes, "burst"))
         result["delivery_ratio"] = round(total / expected, 5)
         result["burst_publish_s"] = round(published["seconds"], 3)
         # msgs_per_s is the rate at which EVERY node has the burst (the receivers' CPU is the limit on a
@@ -143,7 +149,7 @@ def main() -> int:
             ]
             for node, request_id in ids:
                 node.reply(request_id, timeout=args.duration * 3 + 30)
-            time.sleep(1.0)
+            wait_settled(nodes, f"soak{half}", per_half * args.nodes * (args.nodes - 1))
             rss_marks.append([rss_kb(n.proc.pid) for n in nodes])
         soak_expected = 2 * per_half * args.nodes * (args.nodes - 1)
         soak_received = sum(counts(nodes, "soak0")) + sum(counts(nodes, "soak1"))
