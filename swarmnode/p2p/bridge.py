@@ -133,7 +133,7 @@ class TrioBridge:
 async def open_trio_bridge(
     setup: Callable[[TrioBridge, trio.Nursery], AbstractAsyncContextManager[T]],
     *,
-    join_timeout: float = 2.0,
+    join_timeout: float = 1.0,
     name: str = "p2p-trio",
 ) -> AsyncIterator[tuple[TrioBridge, T]]:
     """Start a trio thread, enter `setup(bridge, nursery)` inside it, yield (bridge, what setup yielded).
