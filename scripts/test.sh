@@ -10,7 +10,9 @@ ruff format --check .
 typed=$(mktemp -d)
 trap 'rm -rf "$typed"' EXIT
 pip install -q --no-deps --target "$typed" .
-(cd "$typed" && mypy -p swarmnode)
+# Run from inside the installed tree (so the checkout does not shadow it) with the checkout's config.
+root=$(pwd)
+(cd "$typed" && mypy --config-file "$root/pyproject.toml" -p swarmnode)
 set +e
 pytest "$@"
 rc=$?
