@@ -36,7 +36,13 @@ def _summary(rows_per_node: list[list[dict[str, Any]]]) -> dict[str, float]:
         for rows in rows_per_node
     ]
     steps = [rows[-1]["step"] if rows else 0 for rows in rows_per_node]
-    sent = [rows[-1]["bytes_sent"] / max(1, rows[-1]["step"]) if rows else 0 for rows in rows_per_node]
+    # gossip published + blobs served to peers (pseudo-gradients), per step
+    sent = [
+        (rows[-1]["bytes_sent"] + rows[-1].get("blob_bytes_served", 0)) / max(1, rows[-1]["step"])
+        if rows
+        else 0
+        for rows in rows_per_node
+    ]
     blocked = [
         100.0 * rows[-1]["blocked_on_network_s"] / max(1e-9, rows[-1]["elapsed_s"]) if rows else 0.0
         for rows in rows_per_node

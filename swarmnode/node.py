@@ -238,6 +238,12 @@ class Node:
                 members.add(p)
         return sorted(members)
 
+    def _blob_bytes_served(self) -> int:
+        stats = getattr(self.host, "statistics", None)
+        if stats is None:
+            return 0
+        return int(stats().get("blobs", {}).get("served_bytes", 0))
+
     def blocked_on_network_s(self) -> float:
         return self.stats.blocked_on_network_s + (self.demo.blocked_s if self.demo is not None else 0.0)
 
@@ -386,6 +392,8 @@ class Node:
             "eval_acc": st.last_eval,
             "bytes_sent": st.bytes_sent,
             "bytes_received": st.bytes_received,
+            # pseudo-gradient and state blobs our peers pulled from us (served by the p2p host)
+            "blob_bytes_served": self._blob_bytes_served(),
             "blocked_on_network_s": round(self.blocked_on_network_s(), 4),
             "demo_peers_used": self.demo.used if self.demo is not None else 0,
             "round": st.round,
