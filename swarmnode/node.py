@@ -270,9 +270,7 @@ class Node:
                 )
                 await self.host.publish(self.topic_demo, data)
                 self.stats.bytes_sent += len(data)
-            except (
-                ValueError
-            ) as exc:  # ProtocolError: over the gossip limit; that step's components stay local
+            except Exception as exc:  # e.g. over the gossip limit: that step's components stay local
                 log.warning("DeMo components for step %d not sent: %s", step, exc)
 
     # -- background tasks ------------------------------------------------------------------------
@@ -310,6 +308,9 @@ class Node:
             except ValueError as exc:  # ProtocolError is a ValueError: bad bytes from a peer
                 self.stats.dropped_messages += 1
                 log.info("dropped message from %s on %s: %s", origin, topic, exc)
+            except Exception:  # nothing a peer sends may take the node down
+                self.stats.dropped_messages += 1
+                log.exception("error handling a message from %s on %s", origin, topic)
 
     def _handle(self, origin: str, record: Any) -> None:
         kind = self.wire.kind(record)
