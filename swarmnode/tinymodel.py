@@ -27,6 +27,13 @@ PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 CHARS = string.digits + string.ascii_lowercase + "+-*=:?., "
 
 
+# Greedy held-out accuracy after the default warm-up (500 problems, seed 0): add 1500 steps → 9.0 %;
+# count 200 steps → 34.2 % (the count plateau of a tiny model, reached almost at once); reverse 200 steps
+# → 13.4 % (it reaches 97 % by 1500, leaving RL nothing to do).
+WARMUP_STEPS = {"add": 1500, "count": 200, "reverse": 200}
+DEFAULT_WARMUP_STEPS = 1500
+
+
 @dataclass(kw_only=True, slots=True)
 class TinyModelSpec:
     family: str = "add"
@@ -78,10 +85,16 @@ def build_tiny_policy(
     *,
     family: str = "add",
     seed: int = 0,
-    warmup_steps: int = 1500,
+    warmup_steps: int | None = None,
     **spec_overrides: object,
 ) -> Path:
-    """Build (or reuse) the tiny policy in ``out_dir``; returns the directory."""
+    """Build (or reuse) the tiny policy in ``out_dir``; returns the directory.
+
+    ``warmup_steps=None`` takes the family's default from ``WARMUP_STEPS`` (tuned per family so the
+    warmed-up model is weak but not hopeless).
+    """
+    if warmup_steps is None:
+        warmup_steps = WARMUP_STEPS.get(family, DEFAULT_WARMUP_STEPS)
     spec = TinyModelSpec(family=family, seed=seed, warmup_steps=warmup_steps, **spec_overrides)  # type: ignore[arg-type]
     out = Path(out_dir)
     want = {"version": BUILD_VERSION, "spec": asdict(spec)}
