@@ -143,9 +143,6 @@ class TrainRun:
     def run_step(self) -> dict[str, float]:
         local = self.trainer.collect_local(self.step)
         m = self.trainer.train_step(local, [], step=self.step)
-        energy = getattr(self.optimizer, "last_energy_ratio", None)
-        if energy is not None:
-            m["demo_energy"] = energy
         self.step += 1
         return m
 

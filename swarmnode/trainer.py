@@ -333,6 +333,9 @@ class Trainer:
             m["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
             self.optimizer.step()
             m["loss"] = total
+        energy = getattr(self.optimizer, "last_energy_ratio", None)  # DeMo: momentum energy sent
+        if energy is not None:
+            m["demo_energy"] = float(energy)
         self.model.eval()
         if kls:
             m["kl"] = sum(kls) / len(kls)
