@@ -117,7 +117,8 @@ def load_policy(path_or_hub_id: str | os.PathLike[str], *, device: str = "cpu", 
     resolved = _resolve_dtype(dtype)
     if resolved is not None:
         kwargs["dtype"] = resolved
-    model = AutoModelForCausalLM.from_pretrained(name, **kwargs).to(device)
+    model: Any = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+    model = model.to(device)
     model.eval()
     return Policy(
         model=model, tokenizer=tokenizer, fingerprint=model_fingerprint(model.config, tokenizer), path=name

@@ -17,6 +17,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -131,7 +132,7 @@ def build_tiny_policy(
     return out
 
 
-def _new_model(spec: TinyModelSpec, tokenizer) -> torch.nn.Module:
+def _new_model(spec: TinyModelSpec, tokenizer: Any) -> Any:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     config = Qwen2Config(
