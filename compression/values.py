@@ -63,9 +63,9 @@ def encode_values(values: Tensor | np.ndarray, codec: str) -> bytes:
         q = np.clip(np.rint(v / safe), -127, 127).astype(np.int8)
         return scale_bits.astype("<u2").tobytes() + q.tobytes()
     if codec == "sign":
-        scale = np.float32(np.abs(v).mean()) if v.size else np.float32(0.0)
+        mean_abs = float(np.abs(v).mean()) if v.size else 0.0
         bits = np.packbits((v < 0).ravel())
-        return np.array([scale], dtype="<f4").tobytes() + bits.tobytes()
+        return np.array([mean_abs], dtype="<f4").tobytes() + bits.tobytes()
     raise ValueError(f"codec: expected one of {CODECS}, got {codec!r}")
 
 
