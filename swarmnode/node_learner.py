@@ -6,6 +6,7 @@ Kept apart from ``node`` so the node loop stays testable with fakes and free of 
 
 from __future__ import annotations
 
+import copy
 import logging
 import random
 from pathlib import Path
@@ -44,6 +45,10 @@ class TrainerLearner:
         self.samples_seen = 0
         self.rng = random.Random(seed)
         self.rejects: dict[str, int] = {}
+        # Verification runs on the event loop while generation runs in a worker thread; a HF fast
+        # tokenizer is not thread-safe (a call without padding switches padding off under a batched
+        # call in flight: "Unable to create tensor"), so verification gets its own copy.
+        self._verify_tokenizer = copy.deepcopy(policy.tokenizer)
         self.demo_exchange: Any = None  # gossip.DemoExchange when DeMo components are gossiped
         self.demo_spec: Any = None
 
@@ -72,7 +77,7 @@ class TrainerLearner:
 
     def verify(self, batch: Any) -> tuple[list[Any], int]:
         """Regenerate each problem from its task reference and re-score locally; count why not."""
-        groups, rejects = self._verify(batch, self.policy.tokenizer, local_fingerprint=self.fingerprint)
+        groups, rejects = self._verify(batch, self._verify_tokenizer, local_fingerprint=self.fingerprint)
         if isinstance(rejects, dict):
             for reason, n in rejects.items():
                 self.rejects[reason] = self.rejects.get(reason, 0) + int(n)
