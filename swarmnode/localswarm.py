@@ -21,15 +21,12 @@ from typing import IO, Any
 
 # Printed by the daemon on start; the launcher greps for it to learn node 0's full address.
 MULTIADDR_PREFIX = "swarmnode listening on "
-STOP_GRACE_S = 20.0
+STOP_GRACE_S = 20.0  # SIGTERM lets a node write its final checkpoint; SIGKILL after this
 # Settings tuned for the tiny local model (the config defaults target real models): AdamW 1e-3 and
-# short answers. Given first, so anything after `--` on the command line overrides them.
-TINY_MODEL_ARGS = [
-    "--lr",
-    "1e-3",
-    "--max-new-tokens",
-    "8",
-]  # SIGTERM lets a node write its final checkpoint; SIGKILL after this
+# short answers; on loopback a pseudo-gradient blob arrives in milliseconds, so a 3 s collection
+# window only ever waits on a peer that is slow or gone (the 10 s default is for real networks).
+# Given first, so anything after `--` on the command line overrides them.
+TINY_MODEL_ARGS = ["--lr", "1e-3", "--max-new-tokens", "8", "--collect-seconds", "3"]
 
 
 @dataclass(kw_only=True, slots=True)
