@@ -1,7 +1,8 @@
 """Isolated nodes vs a swarm, same steps and compute per node; prints ONE JSON object.
 
 Isolated: 4 nodes, 8 local / 0 external groups per step, no sharing, no merges.
-Swarm:    4 nodes, 4 local / 4 external groups per step (SAPO) + DiLoCo merges every H steps.
+Swarm:    4 nodes, 4 local / 4 external groups per step (SAPO), DeMo with component gossip (lr 2e-3,
+          its sign step needs a larger lr than AdamW), DiLoCo merges every H steps.
 Each node generates the same number of completions per step in both arms (4 + 4 = 8 groups trained).
 
     nice -n 10 python scripts/bench_swarm.py --steps 30 --out runs/bench-swarm
@@ -65,6 +66,9 @@ def _summary(rows_per_node: list[list[dict[str, Any]]]) -> dict[str, float]:
         "blocked_pct_max": max(blocked) if blocked else 0.0,
         "replica_distance_before_merge": _mean(before),
         "replica_distance_after_merge": after,
+        "demo_peers_used_per_step": _mean(
+            [rows[-1].get("demo_peers_used", 0) / max(1, rows[-1]["step"]) for rows in rows_per_node if rows]
+        ),
     }
 
 
@@ -98,7 +102,17 @@ def main() -> int:
         model=model,
         swarm="bench-swarm",
         merge_every=args.merge_every,
-        node_args=[*common, "--local-groups", "4", "--external-groups", "4"],
+        node_args=[
+            *common,
+            "--local-groups",
+            "4",
+            "--external-groups",
+            "4",
+            "--optimizer",
+            "demo",
+            "--lr",
+            "2e-3",
+        ],
     )
     iso = _summary(_arm(isolated))
     swa = _summary(_arm(swarm))
@@ -119,7 +133,7 @@ def main() -> int:
         "blocked_on_network_pct": swa["blocked_pct_max"],
         "replica_distance_before_merge": swa["replica_distance_before_merge"],
         "replica_distance_after_merge": swa["replica_distance_after_merge"],
-        "demo_gossip": False,  # DeMo component gossip is not wired into the node loop yet
+        "demo_peers_used_per_step": swa["demo_peers_used_per_step"],
     }
     json.dump(result, sys.stdout)
     print()
