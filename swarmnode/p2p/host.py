@@ -261,7 +261,7 @@ class Host:
     ) -> bytes:
         try:
             with trio.fail_after(timeout):
-                stream = await self._t().host.new_stream(ID.from_base58(peer_id), [TProtocol(protocol_id)])
+                stream = await self._open_stream(peer_id, protocol_id)
                 try:
                     await write_frame(stream, data)
                     header = await read_header(stream)
@@ -325,7 +325,20 @@ class Host:
         raise TransportError(f"could not fetch blob {digest[:16]}: " + "; ".join(errors))
 
     async def _open_stream(self, peer_id: str, protocol_id: str) -> Any:
-        return await self._t().host.new_stream(ID.from_base58(peer_id), [TProtocol(protocol_id)])
+        state = self._t()
+        pid = ID.from_base58(peer_id)
+        # A manifest can reach us through gossip relays from a peer we never dialled: without known
+        # addresses new_stream fails at once, so ask the DHT where it is first.
+        try:
+            known = bool(state.host.get_peerstore().addrs(pid))
+        except Exception:  # PeerStoreError: never heard of this peer
+            known = False
+        if not known and state.dht is not None:
+            with trio.move_on_after(10.0):
+                info = await state.dht.find_peer(pid)
+                if info is not None and info.addrs:
+                    state.host.get_peerstore().add_addrs(pid, info.addrs, 3600)
+        return await state.host.new_stream(pid, [TProtocol(protocol_id)])
 
     # -- peers and counters ----------------------------------------------------------------------------------
     def connected_peers(self) -> list[str]:
