@@ -56,6 +56,7 @@ async def serve(cfg: NodeConfig, *, expect_peers: int = 1, join_wait_s: float = 
     from swarmnode.node import Node, NodeSettings
     from swarmnode.node_learner import build_learner
     from swarmnode.p2p import HostConfig, open_host
+    from swarmnode.telemetry import open_telemetry
 
     net, train, diloco = cfg.network, cfg.train, cfg.diloco
     data_dir = Path(net.data_dir)  # created by main()
@@ -67,7 +68,7 @@ async def serve(cfg: NodeConfig, *, expect_peers: int = 1, join_wait_s: float = 
         bootstrap=list(net.bootstrap),
         target_peers=net.target_peers,
     )
-    async with open_host(host_cfg) as host:
+    async with open_host(host_cfg) as host, open_telemetry(cfg) as telemetry:
         for addr in host.listen_addrs:
             print(f"{MULTIADDR_PREFIX}{addr}", flush=True)
         settings = NodeSettings(
@@ -110,7 +111,10 @@ async def serve(cfg: NodeConfig, *, expect_peers: int = 1, join_wait_s: float = 
             loop.add_signal_handler(sig, node.stop)
         every = cfg.checkpoint.every
 
+        step_topic = f"node/{host.peer_id}/step"
+
         def on_step(row: dict[str, object]) -> None:
+            telemetry.publish_nowait(step_topic, dict(row))
             if every and node.stats.step % every == 0:
                 learner.checkpoint(node.stats.step, node.stats.round)
 

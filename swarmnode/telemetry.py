@@ -37,6 +37,7 @@ FLUSH_TIMEOUT_S = 1.0
 
 class TelemetrySink(Protocol):
     async def publish(self, topic: str, payload: dict[str, Any]) -> None: ...
+    def publish_nowait(self, topic: str, payload: dict[str, Any]) -> None: ...
     def statistics(self) -> dict[str, Any]: ...
 
 
@@ -47,6 +48,9 @@ class NullSink:
         self._count = 0
 
     async def publish(self, topic: str, payload: dict[str, Any]) -> None:
+        self.publish_nowait(topic, payload)
+
+    def publish_nowait(self, topic: str, payload: dict[str, Any]) -> None:
         self._count += 1
 
     def statistics(self) -> dict[str, Any]:
@@ -108,6 +112,9 @@ class MqttSink:
         self.last_error = ""
 
     async def publish(self, topic: str, payload: dict[str, Any]) -> None:
+        self.publish_nowait(topic, payload)
+
+    def publish_nowait(self, topic: str, payload: dict[str, Any]) -> None:
         """Enqueue without waiting; drops the oldest pending message if the queue is full."""
         data = json.dumps(_jsonable(payload), separators=(",", ":"), allow_nan=False).encode()
         full_topic = f"{self.target.prefix}/{topic.strip('/')}"

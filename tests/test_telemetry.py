@@ -184,3 +184,35 @@ def test_reconnects_after_broker_restart(tmp_path: Path) -> None:
         _stop(proc)
     assert stats["reconnects"] >= 1
     assert stats["published"] >= 2
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_daemon_publishes_steps_to_mqtt(broker: int, tmp_path: Path, tiny_policy_dir: Path) -> None:
+    """`swarmnode run --mqtt …`: every training step reaches a real broker as JSON."""
+
+    async def main() -> list[dict[str, object]]:
+        got: list[dict[str, object]] = []
+        async with aiomqtt.Client("127.0.0.1", broker) as sub:
+            await sub.subscribe("lab/node/+/step")
+            proc = subprocess.Popen(  # noqa: ASYNC220 - returns at once; stopped by PID below
+                [sys.executable, "-m", "swarmnode.cli", "run", "--model", str(tiny_policy_dir),
+                 "--data-dir", str(tmp_path / "node"), "--steps", "3", "--no-diloco", "--group-size", "2",
+                 "--local-groups", "1", "--external-groups", "0", "--max-new-tokens", "4",
+                 "--eval-every", "100", "--mqtt", f"mqtt://127.0.0.1:{broker}/lab"],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+            try:
+                async with asyncio.timeout(180):
+                    async for msg in sub.messages:
+                        got.append(json.loads(bytes(msg.payload)))  # type: ignore[arg-type]
+                        if len(got) == 3:
+                            break
+            finally:
+                _stop(proc)
+        return got
+
+    rows = asyncio.run(main())
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all("reward" in r for r in rows)
