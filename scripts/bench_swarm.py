@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from swarmnode.localswarm import SwarmPlan, read_metrics, run_swarm
+from swarmnode.localswarm import TINY_FAMILY, SwarmPlan, read_metrics, run_swarm
 
 
 def _mean(xs: list[float]) -> float:
@@ -84,7 +84,7 @@ def main() -> int:
     if not model:
         from swarmnode.tinymodel import build_tiny_policy
 
-        model = str(build_tiny_policy(args.out / "tiny-model"))
+        model = str(build_tiny_policy(args.out / "tiny-model", family=TINY_FAMILY))
     common = ["--eval-every", str(max(1, args.steps // 3))]
     isolated = SwarmPlan(
         nodes=args.nodes,

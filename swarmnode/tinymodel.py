@@ -37,7 +37,7 @@ DEFAULT_WARMUP_STEPS = 1500
 
 @dataclass(kw_only=True, slots=True)
 class TinyModelSpec:
-    family: str = "add"
+    family: str = "reverse"
     seed: int = 0
     # Measured on `add` (2 loaded CPU cores, one thread): 1200 steps → 7.7 % greedy held-out accuracy in
     # ~30 s; lr 2e-3/3e-3 or hidden 96/128 learned slower per second. Weak on purpose: RL needs headroom.
@@ -84,7 +84,7 @@ def build_tokenizer():  # -> PreTrainedTokenizerFast
 def build_tiny_policy(
     out_dir: str | os.PathLike[str],
     *,
-    family: str = "add",
+    family: str = "reverse",
     seed: int = 0,
     warmup_steps: int | None = None,
     **spec_overrides: object,

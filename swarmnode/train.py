@@ -23,7 +23,7 @@ DEFAULT_LR = {"adamw": 3e-4, "demo": 5e-4}
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     a = parser.add_argument
-    a("--task", default="add", help="task family (default add)")
+    a("--task", default="reverse", help="task family (default reverse)")
     a("--steps", type=int, default=100, help="optimizer steps to reach (counting resumed ones)")
     a("--minutes", type=float, default=0.0, help="also stop after this much wall time (0: no limit)")
     a("--optimizer", choices=("adamw", "demo"), default="adamw")

@@ -31,7 +31,7 @@ from swarmnode.metrics import MetricsWriter
 
 @dataclass(kw_only=True, slots=True)
 class GRPOConfig:
-    task: str = "add"
+    task: str = "reverse"
     seed: int = 0
     group_size: int = 8
     local_groups: int = 4
