@@ -1,8 +1,8 @@
 """Isolated nodes vs a swarm, same steps and compute per node; prints ONE JSON object.
 
 Isolated: 4 nodes, 8 local / 0 external groups per step, no sharing, no merges.
-Swarm:    4 nodes, 4 local / 4 external groups per step (SAPO), DeMo with component gossip (lr 2e-3,
-          its sign step needs a larger lr than AdamW), DiLoCo merges every H steps.
+Swarm:    4 nodes, 4 local / 4 external groups per step (SAPO), DeMo with component gossip (or
+          AdamW with --optimizer adamw), DiLoCo merges every H steps overlapped with training.
 Each node generates the same number of completions per step in both arms (4 + 4 = 8 groups trained).
 
     nice -n 10 python scripts/bench_swarm.py --steps 30 --out runs/bench-swarm
@@ -25,13 +25,59 @@ def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
-def _arm(plan: SwarmPlan) -> list[list[dict[str, Any]]]:
-    run_swarm(plan, live=False)
+def _read(plan: SwarmPlan) -> list[list[dict[str, Any]]]:
     return [read_metrics(plan.out / f"node{i}" / "metrics.jsonl") for i in range(plan.nodes)]
 
 
+def _arm(plan: SwarmPlan) -> list[list[dict[str, Any]]]:
+    if plan.out.exists():
+        import shutil
+
+        shutil.rmtree(plan.out)  # metrics files append: a previous run's rows must not count
+    run_swarm(plan, live=False)
+    return _read(plan)
+
+
+def _merges(rows_per_node: list[list[dict[str, Any]]]) -> list[dict[str, float]]:
+    """Per DiLoCo round: replica distance before the merge (spread of the replicas' Δs, which each
+    contributor computes over the same set) and after it.
+
+    After the merge every replica sits on the same new anchor plus the progress p_i it made while the
+    round collected (carried over), so the mean distance to the mean replica is mean‖p_i − p̄‖, which
+    is at most sqrt(mean‖p_i‖²): that bound, from each node's reported ‖p_i‖, is what we report.
+    """
+    by_round: dict[int, dict[str, list[Any]]] = {}
+    for rows in rows_per_node:
+        prev = 0
+        for r in rows:
+            if r.get("merges", 0) > prev and r.get("replica_distance_before_merge") is not None:
+                d = by_round.setdefault(int(r["round"]), {"before": [], "carried": [], "anchors": []})
+                d["before"].append(r["replica_distance_before_merge"])
+                d["carried"].append(r.get("carried_progress") or 0.0)
+                d["anchors"].append(r.get("anchor_hash"))
+            prev = r.get("merges", prev)
+    out = []
+    for rnd in sorted(by_round):
+        d = by_round[rnd]
+        if len(d["before"]) < 2:
+            continue  # a round only one node merged tells nothing about distances between replicas
+        out.append(
+            {
+                "round": rnd,
+                "before": _mean(d["before"]),
+                "after": math.sqrt(_mean([c * c for c in d["carried"]])),
+                "anchors": len(set(d["anchors"])),
+            }
+        )
+    return out
+
+
 def _summary(rows_per_node: list[list[dict[str, Any]]]) -> dict[str, float]:
-    cum = [sum(r["reward"] for r in rows if r.get("reward") is not None) for rows in rows_per_node]
+    # the final row (``train/final``) is written once the round in flight merged: not a step
+    cum = [
+        sum(r["reward"] for r in rows if r.get("reward") is not None and not r.get("train/final"))
+        for rows in rows_per_node
+    ]
     acc = [
         next((r["eval_acc"] for r in reversed(rows) if r.get("eval_acc") is not None), None)
         for rows in rows_per_node
@@ -48,24 +94,20 @@ def _summary(rows_per_node: list[list[dict[str, Any]]]) -> dict[str, float]:
         100.0 * rows[-1]["blocked_on_network_s"] / max(1e-9, rows[-1]["elapsed_s"]) if rows else 0.0
         for rows in rows_per_node
     ]
-    before = [
-        r["replica_distance_before_merge"]
-        for rows in rows_per_node
-        for r in rows
-        if r.get("replica_distance_before_merge") is not None
-    ]
-    # After a merge every replica that averaged the same Δs sits on the same anchor: distance 0 if the
-    # final anchor hashes agree, else unknown from metrics alone (reported as NaN).
+    merges = _merges(rows_per_node)
     finals = {rows[-1].get("anchor_hash") for rows in rows_per_node if rows}
-    after = 0.0 if len(finals) == 1 and "" not in finals else float("nan")
     return {
         "cumulative_reward": _mean(cum),
         "eval_acc": _mean([a for a in acc if a is not None]),
         "steps": min(steps) if steps else 0,
         "bytes_per_node_per_step": _mean(sent),
         "blocked_pct_max": max(blocked) if blocked else 0.0,
-        "replica_distance_before_merge": _mean(before),
-        "replica_distance_after_merge": after,
+        "replica_distance_before_merge": _mean([m["before"] for m in merges]),
+        "replica_distance_after_merge": _mean([m["after"] for m in merges]),
+        "merges": len(merges),
+        "merges_where_distance_dropped": sum(1 for m in merges if m["after"] < m["before"]),
+        "merges_with_equal_anchors": sum(1 for m in merges if m["anchors"] == 1),
+        "final_anchors_equal": len(finals) == 1 and "" not in finals,
         "demo_peers_used_per_step": _mean(
             [rows[-1].get("demo_peers_used", 0) / max(1, rows[-1]["step"]) for rows in rows_per_node if rows]
         ),
@@ -79,7 +121,12 @@ def main() -> int:
     ap.add_argument("--merge-every", type=int, default=10)
     ap.add_argument("--out", type=Path, default=Path("runs/bench-swarm"))
     ap.add_argument("--model", default="")
+    ap.add_argument("--optimizer", choices=["demo", "adamw"], default="demo", help="the swarm arm's")
+    ap.add_argument("--lr", type=float, default=0.0, help="swarm arm (default: 5e-4 demo, 3e-4 adamw)")
+    ap.add_argument("--collect-seconds", type=float, default=3.0)
+    ap.add_argument("--arms", default="isolated,swarm", help="which arms to run (comma separated)")
     args = ap.parse_args()
+    lr = args.lr or (5e-4 if args.optimizer == "demo" else 3e-4)
     model = args.model
     if not model:
         from swarmnode.tinymodel import build_tiny_policy
@@ -109,13 +156,16 @@ def main() -> int:
             "--external-groups",
             "4",
             "--optimizer",
-            "demo",
+            args.optimizer,
             "--lr",
-            "2e-3",
+            str(lr),
+            "--collect-seconds",
+            str(args.collect_seconds),
         ],
     )
-    iso = _summary(_arm(isolated))
-    swa = _summary(_arm(swarm))
+    arms = set(args.arms.split(","))
+    iso = _summary(_arm(isolated) if "isolated" in arms else _read(isolated))
+    swa = _summary(_arm(swarm) if "swarm" in arms else _read(swarm))
     gain = (
         100.0
         * (swa["cumulative_reward"] - iso["cumulative_reward"])
@@ -133,6 +183,12 @@ def main() -> int:
         "blocked_on_network_pct": swa["blocked_pct_max"],
         "replica_distance_before_merge": swa["replica_distance_before_merge"],
         "replica_distance_after_merge": swa["replica_distance_after_merge"],
+        "swarm_optimizer": args.optimizer,
+        "swarm_lr": lr,
+        "merges": swa["merges"],
+        "merges_where_distance_dropped": swa["merges_where_distance_dropped"],
+        "merges_with_equal_anchors": swa["merges_with_equal_anchors"],
+        "final_anchors_equal": swa["final_anchors_equal"],
         "demo_peers_used_per_step": swa["demo_peers_used_per_step"],
     }
     json.dump(result, sys.stdout)

@@ -292,9 +292,12 @@ class DiLoCoMerger:
         result: dict[str, torch.Tensor] = self.diloco.pseudo_gradient()
         return result
 
-    def outer_step(self, avg_delta: dict[str, torch.Tensor]) -> None:
-        self.diloco.outer_step(avg_delta)
+    def outer_step(
+        self, avg_delta: dict[str, torch.Tensor], *, published: dict[str, torch.Tensor] | None = None
+    ) -> float:
+        carried: float = self.diloco.outer_step(avg_delta, published=published)
         self.on_weights()
+        return carried
 
     def anchor_hash(self) -> str:
         result: str = self.diloco.anchor_hash()
@@ -328,10 +331,12 @@ class DemoExchange:
     """DeMo's optimizer step with gossip in the middle, as a drop-in optimizer for the trainer.
 
     The trainer calls ``step()`` in its worker thread. We compute our components (momentum, DCT,
-    top-k, error feedback), hand them to the event loop to publish, then wait at most ``window_s``
-    for peers' components of about the same step (whatever arrived is used; nodes are never in
-    lockstep, so a peer's newest components within ``max_lag`` steps count) and apply the aggregate.
-    The wait is the only blocking and is counted in ``blocked_s``.
+    top-k, error feedback), hand them to the event loop to publish, and apply the aggregate of our
+    own and the peers' newest components that arrived within ``max_lag`` steps of ours (nodes are never
+    in lockstep; every peer publishes every step, so each step finds about one message per peer).
+    ``window_s`` > 0 additionally waits that long when nothing has arrived yet; the default never
+    waits, because a fresh peer message is rarely worth more than the step it would cost. Any wait is
+    counted in ``blocked_s``.
     """
 
     def __init__(
@@ -339,8 +344,8 @@ class DemoExchange:
         demo: Any,
         *,
         publish: Callable[[int, Any], None],
-        window_s: float = 0.05,
-        max_lag: int = 2,
+        window_s: float = 0.0,
+        max_lag: int = 4,
     ) -> None:
         self.demo = demo
         self.publish = publish
@@ -370,7 +375,7 @@ class DemoExchange:
         self.publish(self.step_no, own)
         t0 = time.monotonic()
         with self._cond:
-            if not self._inbox:
+            if not self._inbox and self.window_s > 0:
                 self._cond.wait(self.window_s)
             peers = self._take()
         self.blocked_s += time.monotonic() - t0

@@ -22,7 +22,7 @@ from typing import IO, Any
 # Printed by the daemon on start; the launcher greps for it to learn node 0's full address.
 MULTIADDR_PREFIX = "swarmnode listening on "
 STOP_GRACE_S = 20.0  # SIGTERM lets a node write its final checkpoint; SIGKILL after this
-# Settings tuned for the tiny local model (the config defaults target real models): AdamW 1e-3 and
+# Settings tuned for the tiny local model (the config defaults target real models): AdamW 3e-4 and
 # short answers; on loopback a pseudo-gradient blob arrives in milliseconds, so a 3 s collection
 # window only ever waits on a peer that is slow or gone (the 10 s default is for real networks).
 # Given first, so anything after `--` on the command line overrides them.
@@ -135,6 +135,8 @@ def _start(plan: SwarmPlan, index: int, bootstrap: str, node_cmd: list[str] | No
         cmd = [*node_cmd, *cmd[4:]]
     log = (data_dir / "node.log").open("w", encoding="utf-8")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # N processes on one machine: split the cores instead of every process using all of them.
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // plan.nodes)))
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
     return NodeProc(index=index, proc=proc, data_dir=data_dir, log=log)
 

@@ -14,19 +14,14 @@ import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from swarmnode.catchup import (
-    STATE_PROTOCOL,
-    CatchupError,
-    Snapshot,
-    StateServer,
-    choose_source,
-    fetch_state,
-)
+from swarmnode.catchup import STATE_PROTOCOL
+from swarmnode.merge import MergeRounds
+from swarmnode.replay import is_informative
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +92,9 @@ class Merger(Protocol):
     """DiLoCo outer optimiser plus weight push; see ``swarmnode.optim.diloco``."""
 
     def pseudo_gradient(self) -> dict[str, Any]: ...
-    def outer_step(self, avg_delta: dict[str, Any]) -> None: ...
+    def outer_step(self, avg_delta: dict[str, Any], *, published: dict[str, Any] | None = None) -> Any:
+        """Returns ‖progress carried over‖ (steps taken since ``published`` was computed) or None."""
+
     def anchor_hash(self) -> str: ...
     def state_blob(self) -> bytes: ...
     def load_state_blob(self, blob: bytes) -> None: ...
@@ -121,12 +118,6 @@ class Wire(Protocol):
 
 
 @dataclass(slots=True)
-class _Round:
-    manifests: dict[str, Any] = field(default_factory=dict)  # author -> manifest
-    arrived: asyncio.Event = field(default_factory=asyncio.Event)
-
-
-@dataclass(slots=True)
 class NodeStats:
     step: int = 0
     round: int = 0
@@ -145,6 +136,8 @@ class NodeStats:
     # mean ‖θ_i − θ̄‖ over this round's contributors just before the merge: with a shared anchor,
     # θ_i = anchor − Δ_i, so the spread of the Δs is exactly the spread of the replicas.
     replica_distance: float = float("nan")
+    # ‖θ − θ_published‖ carried over the last merge: the inner steps taken while the round collected.
+    carried_progress: float = float("nan")
 
 
 class Node:
@@ -180,15 +173,13 @@ class Node:
         self.stats = NodeStats()
         self.me = str(host.peer_id)
         self.cohort = learner.fingerprint
-        self._peers: dict[str, tuple[float, Any]] = {}  # peer id -> (last heard, presence)
+        self.peers: dict[str, tuple[float, Any]] = {}  # peer id -> (last heard, presence)
         self._cohort_members: dict[str, float] = {}  # peer id -> last heard on the cohort topic
-        self._rounds: dict[int, _Round] = {}
         self._stop = asyncio.Event()
         self._cohort_seen = asyncio.Event()
-        self._served_blob = ""
-        self._samples_since_merge = 0
-        self.state_server = StateServer(host, wire, self.cohort)
-        host.set_request_handler(STATE_PROTOCOL, self.state_server.handle)
+        self.rounds = MergeRounds(self) if merger is not None else None
+        if self.rounds is not None:
+            host.set_request_handler(STATE_PROTOCOL, self.rounds.state_server.handle)
         self._metrics_file: Any = None
         swarm = settings.swarm
         self.topic_presence = f"/swarmnode/{swarm}/presence/1"
@@ -227,13 +218,13 @@ class Node:
 
     def live_peers(self) -> list[str]:
         now = self.clock()
-        return [p for p, (t, _) in self._peers.items() if now - t <= self.settings.peer_timeout_s]
+        return [p for p, (t, _) in self.peers.items() if now - t <= self.settings.peer_timeout_s]
 
     def cohort_peers(self) -> list[str]:
         now = self.clock()
         timeout = self.settings.peer_timeout_s
         members = {p for p, t in self._cohort_members.items() if now - t <= timeout}
-        for p, (t, presence) in self._peers.items():
+        for p, (t, presence) in self.peers.items():
             if now - t <= timeout and getattr(presence, "cohort", None) == self.cohort:
                 members.add(p)
         return sorted(members)
@@ -275,7 +266,7 @@ class Node:
 
     # -- background tasks ------------------------------------------------------------------------
 
-    async def _publish(self, topic: str, record: Any) -> None:
+    async def publish_record(self, topic: str, record: Any) -> None:
         data = self.wire.encode(record)
         await self.host.publish(topic, data)
         self.stats.bytes_sent += len(data)
@@ -291,7 +282,7 @@ class Node:
                 anchor_hash=anchor,
             )
             try:
-                await self._publish(self.topic_presence, record)
+                await self.publish_record(self.topic_presence, record)
             except Exception as exc:  # a failed heartbeat is retried on the next tick
                 log.warning("presence publish failed: %s", exc)
             await asyncio.sleep(self.settings.presence_interval_s)
@@ -316,7 +307,7 @@ class Node:
         kind = self.wire.kind(record)
         now = self.clock()
         if kind == "presence":
-            self._peers[origin] = (now, record)
+            self.peers[origin] = (now, record)
             if len(self.cohort_peers()) >= self.settings.expect_peers:
                 self._cohort_seen.set()
         elif kind == "rollouts":
@@ -333,54 +324,68 @@ class Node:
             step, components = self.wire.demo_of(record)
             self.demo.receive(origin, step, components)
         elif kind == "manifest":
-            if getattr(record, "cohort", self.cohort) != self.cohort or str(record.author) != origin:
+            if self.rounds is None:
+                return
+            if not self.rounds.on_manifest(origin, record):
                 self.stats.dropped_messages += 1
                 return
             self._cohort_members[origin] = now
-            rnd = int(record.round)
-            if rnd < self.stats.round:  # too late: that round is merged already
-                return
-            state = self._rounds.setdefault(rnd, _Round())
-            state.manifests[origin] = record
-            state.arrived.set()
 
     # -- the training loop -----------------------------------------------------------------------
 
     async def _train_loop(self) -> None:
         s = self.settings
         start = self.clock()
-        if self.merger is not None:
-            self._refresh_snapshot()
-            if s.merge_every and s.join_wait_s:
-                await self._wait_first_peer(s.join_wait_s)
-        while not self._stop.is_set():
-            if self.merger is not None and s.merge_every:
-                await self._maybe_catch_up()
-            step = self.stats.step
-            if s.steps and step >= s.steps:
-                break
-            if s.duration_s and self.clock() - start >= s.duration_s:
-                break
-            t0 = self.clock()
-            local = await asyncio.to_thread(self.learner.collect_local, step)
-            if s.share_rollouts and local:
-                # Batched: one message per step (split only if it would pass the gossip limit).
-                for data in self.wire.encode_rollouts(
-                    author=self.me, cohort=self.cohort, step=step, groups=local
-                ):
-                    await self.host.publish(self.topic_rollouts, data)
-                    self.stats.bytes_sent += len(data)
-            external = self.learner.sample_external(step) if s.share_rollouts else []
-            metrics = await asyncio.to_thread(self.learner.train_step, local, external)
-            step += 1
-            self.stats.step = step
-            self._samples_since_merge += len(local) + len(external)
-            self.stats.last_reward = float(metrics.get("reward", float("nan")))
-            if s.merge_every and self.merger is not None and step % s.merge_every == 0:
-                await self._merge(step // s.merge_every)
-            if step % s.eval_every == 0 or (s.steps and step == s.steps):
-                self.stats.last_eval = await asyncio.to_thread(self.learner.evaluate)
-            self._record(metrics, step_seconds=self.clock() - t0, elapsed=self.clock() - start)
+        rounds = self.rounds if s.merge_every else None
+        if self.rounds is not None:
+            self.rounds.refresh_snapshot()
+        if rounds is not None and s.join_wait_s:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._cohort_seen.wait(), s.join_wait_s)
+        try:
+            while not self._stop.is_set():
+                if rounds is not None:
+                    await rounds.maybe_catch_up()
+                step = self.stats.step
+                if s.steps and step >= s.steps:
+                    break
+                if s.duration_s and self.clock() - start >= s.duration_s:
+                    break
+                t0 = self.clock()
+                metrics = await self._inner_step(step)
+                step = self.stats.step
+                if rounds is not None:
+                    await rounds.at_step_boundary(step)
+                if step % s.eval_every == 0 or (s.steps and step == s.steps):
+                    self.stats.last_eval = await asyncio.to_thread(self.learner.evaluate)
+                self._record(metrics, step_seconds=self.clock() - t0, elapsed=self.clock() - start)
+            if rounds is not None and not self._stop.is_set():
+                # Budget spent: merge the round in flight so every replica ends on the same anchor.
+                await rounds.drain()
+                self._record({"final": 1.0}, step_seconds=0.0, elapsed=self.clock() - start)
+        finally:
+            if rounds is not None:
+                rounds.cancel()
+
+    async def _inner_step(self, step: int) -> dict[str, float]:
+        s = self.settings
+        local = await asyncio.to_thread(self.learner.collect_local, step)
+        # Groups whose completions all scored the same teach no one anything (zero advantage): not sent.
+        shared = [g for g in local if is_informative(g)] if s.share_rollouts else []
+        if shared:
+            # Batched: one message per step (split only if it would pass the gossip limit).
+            for data in self.wire.encode_rollouts(
+                author=self.me, cohort=self.cohort, step=step, groups=shared
+            ):
+                await self.host.publish(self.topic_rollouts, data)
+                self.stats.bytes_sent += len(data)
+        external = self.learner.sample_external(step) if s.share_rollouts else []
+        metrics = await asyncio.to_thread(self.learner.train_step, local, external)
+        self.stats.step = step + 1
+        if self.rounds is not None:
+            self.rounds.samples_since_publish += len(local) + len(external)
+        self.stats.last_reward = float(metrics.get("reward", float("nan")))
+        return metrics
 
     def _record(self, metrics: dict[str, float], *, step_seconds: float, elapsed: float) -> None:
         st = self.stats
@@ -405,6 +410,7 @@ class Node:
             "merges": st.merges,
             "heals": st.heals,
             "replica_distance_before_merge": st.replica_distance,
+            "carried_progress": st.carried_progress,
             "catchups": st.catchups,
         }
         for key, value in metrics.items():
@@ -416,160 +422,3 @@ class Node:
             self._metrics_file.flush()
         if self.on_step is not None:
             self.on_step(row)
-
-    # -- DiLoCo round ----------------------------------------------------------------------------
-
-    async def _merge(self, rnd: int) -> None:
-        """Publish our pseudo-gradient, gather peers' until everyone expected arrived or the
-        collection deadline passes, then take the outer step on the robust mean."""
-        assert self.merger is not None
-        delta = await asyncio.to_thread(self.merger.pseudo_gradient)
-        blob = await asyncio.to_thread(self.wire.encode_delta, delta)
-        content_hash = self.host.provide_blob(blob)
-        # Averaging weight: groups trained on since the last merge (DiLoCo weights by samples processed).
-        weight = float(max(1, self._samples_since_merge))
-        manifest = self.wire.round_manifest(
-            round=rnd,
-            author=self.me,
-            cohort=self.cohort,
-            weight=weight,
-            content_hash=content_hash,
-            size=len(blob),
-            codec="int8",
-            anchor_hash=self.merger.anchor_hash(),
-        )
-        await self._publish(self.topic_rounds, manifest)
-        t0 = self.clock()
-        deadline = t0 + self.settings.collect_seconds
-        state = self._rounds.setdefault(rnd, _Round())
-        # Wait for every live cohort peer's manifest, never past the deadline.
-        while True:
-            expected = set(self.cohort_peers())
-            if expected <= set(state.manifests):
-                break
-            remaining = deadline - self.clock()
-            if remaining <= 0:
-                break
-            state.arrived.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(state.arrived.wait(), timeout=min(remaining, 0.25))
-        own = await asyncio.to_thread(self.wire.decode_delta, blob, self.settings.max_blob_bytes)
-        contributions: dict[str, tuple[dict[str, Any], float]] = {self.me: (own, weight)}
-        fetched = await self._fetch_all(list(state.manifests.values()), deadline)
-        contributions.update(fetched)
-        self.stats.blocked_on_network_s += self.clock() - t0
-        # Sorted by author so every node sums in the same order and lands on the same anchor bits.
-        ordered = [contributions[a] for a in sorted(contributions)]
-        await asyncio.to_thread(self._outer_step, ordered, own)
-        self.stats.round = rnd
-        self.stats.merges += 1
-        self.stats.merge_contributors = len(ordered)
-        self._samples_since_merge = 0
-        self._refresh_snapshot()
-        # Serve our blob until the next round: slower peers may still be fetching it.
-        if self._served_blob:
-            self.host.remove_blob(self._served_blob)
-        self._served_blob = content_hash
-        for old in [r for r in self._rounds if r <= rnd]:
-            del self._rounds[old]
-
-    async def _fetch_all(
-        self, manifests: Iterable[Any], deadline: float
-    ) -> dict[str, tuple[dict[str, Any], float]]:
-        async def one(m: Any) -> tuple[str, tuple[dict[str, Any], float]] | None:
-            limit = min(int(m.size), self.settings.max_blob_bytes)
-            data = await self.host.fetch(m.content_hash, [m.author], max_size=limit)
-            self.stats.bytes_received += len(data)
-            delta = await asyncio.to_thread(self.wire.decode_delta, data, self.settings.max_blob_bytes)
-            return str(m.author), (delta, float(m.weight))
-
-        tasks = [asyncio.create_task(one(m)) for m in manifests]
-        if not tasks:
-            return {}
-        done, pending = await asyncio.wait(tasks, timeout=max(0.0, deadline - self.clock()))
-        for task in pending:  # a slow or dead peer is left out of this round
-            task.cancel()
-        out: dict[str, tuple[dict[str, Any], float]] = {}
-        for task in done:
-            if task.exception() is not None:
-                log.info("pseudo-gradient fetch failed: %s", task.exception())
-                continue
-            result = task.result()
-            if result is not None:
-                out[result[0]] = result[1]
-        return out
-
-    def _outer_step(self, contributions: list[tuple[dict[str, Any], float]], own: dict[str, Any]) -> None:
-        assert self.merger is not None
-        from swarmnode.gossip import replica_spread
-
-        self.stats.replica_distance = replica_spread([d for d, _ in contributions])
-        if self.aggregate is not None:
-            self.merger.outer_step(self.aggregate(contributions))
-            return
-        from swarmnode.aggregate import robust_mean
-
-        # Our own Δ defines the expected names/shapes: a peer's mismatching blob is dropped, not fatal.
-        expected = {name: tuple(t.shape) for name, t in own.items()}
-        self.merger.outer_step(robust_mean(contributions, expected=expected))
-
-    # -- joiners -----------------------------------------------------------------------------------
-
-    def _refresh_snapshot(self) -> None:
-        assert self.merger is not None
-        snap = Snapshot(
-            round=self.stats.round,
-            step=self.stats.step,
-            anchor_hash=self.merger.anchor_hash(),
-            blob=self.merger.state_blob(),
-        )
-        self.state_server.update(snap)
-
-    async def _wait_first_peer(self, wait_s: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._cohort_seen.wait(), wait_s)
-
-    async def _maybe_catch_up(self) -> None:
-        """A fresh node, or one two or more rounds behind, loads the cohort state from a peer that
-        advertises a newer round; one round behind is ordinary skew and merges normally."""
-        assert self.merger is not None
-        peers = {p: presence for p, (_, presence) in self._peers.items()}
-        choice = choose_source(
-            peers,
-            set(self.live_peers()),
-            cohort=self.cohort,
-            my_round=self.stats.round,
-            my_step=self.stats.step,
-            merged=self.stats.merges > 0,
-            my_anchor=self.merger.anchor_hash(),
-        )
-        if choice is None:
-            return
-        source, target = choice
-        t0 = self.clock()
-        try:
-            manifest, blob = await asyncio.wait_for(
-                fetch_state(
-                    self.host, self.wire, source, self.cohort, max_bytes=self.settings.max_blob_bytes
-                ),
-                timeout=max(self.settings.collect_seconds, 1.0) * 4,
-            )
-        except (TimeoutError, CatchupError, ValueError, OSError) as exc:
-            log.warning("catch-up from %s failed: %s", source, exc)
-            return
-        finally:
-            self.stats.blocked_on_network_s += self.clock() - t0
-        if target and manifest.anchor_hash != target:
-            return  # the peer moved on since its presence; the next presence decides again
-        await asyncio.to_thread(self.merger.load_state_blob, blob)
-        self.stats.heals += 1 if target else 0
-        if self.merger.anchor_hash() != manifest.anchor_hash:
-            log.warning("state from %s loaded but its anchor hash differs from the manifest", source)
-        self.stats.round = int(manifest.round)
-        if not target:  # a joiner adopts the cohort's step; a healed replica keeps its own count
-            self.stats.step = int(manifest.step)
-        self.stats.catchups += 0 if target else 1
-        self._samples_since_merge = 0
-        self._rounds = {r: v for r, v in self._rounds.items() if r > self.stats.round}
-        self._refresh_snapshot()
-        log.info("caught up from %s: round %d step %d", source, manifest.round, manifest.step)

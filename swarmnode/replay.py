@@ -1,7 +1,9 @@
 """Replay buffer of verified external rollout groups (SAPO), bounded per author and by staleness.
 
 Bounded per author so one chatty (or hostile) peer cannot crowd out everyone else; sampling draws an
-author-balanced-by-count uniform sample of the groups still fresh enough to learn from.
+author-balanced-by-count uniform sample of the groups still fresh enough to learn from. Groups whose
+completions all scored the same carry no GRPO signal (zero advantage everywhere), so by default they
+are not kept: every external slot in a step goes to a group the policy can learn from.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ class ReplayConfig:
     per_author: int = 64
     max_authors: int = 256
     staleness_steps: int = 8
+    informative_only: bool = True  # drop zero-variance groups on arrival
 
     def __post_init__(self) -> None:
         if self.per_author < 1:
@@ -25,6 +28,14 @@ class ReplayConfig:
             raise ValueError(f"max_authors: expected >= 1, got {self.max_authors}")
         if self.staleness_steps < 0:
             raise ValueError(f"staleness_steps: expected >= 0, got {self.staleness_steps}")
+
+
+def is_informative(group: Any) -> bool:
+    """False only for a group whose rewards are all equal (GRPO advantage 0 for every completion)."""
+    rewards = getattr(group, "rewards", None)
+    if not rewards:
+        return True  # nothing to judge by (e.g. not yet scored): keep
+    return max(rewards) - min(rewards) > 1e-6
 
 
 class ReplayBuffer:
@@ -40,6 +51,9 @@ class ReplayBuffer:
 
     def add(self, groups: list[Any], step: int) -> None:
         for g in groups:
+            if self.config.informative_only and not is_informative(g):
+                self._counts["uninformative"] += 1
+                continue
             author = str(getattr(g, "source", "unknown"))
             q = self._by_author.get(author)
             if q is None:

@@ -11,8 +11,9 @@ Loss choices (documented because they change what the numbers mean):
 - "Old" logprobs are recomputed under the current policy before the update, so with ``ppo_epochs=1`` the
   ratio is exactly 1 and the loss is the plain policy gradient; later epochs are clipped.
 - External groups are re-tokenised from their TEXT with the local tokenizer (another model may tokenise
-  differently). Only when the sender is in our cohort (same fingerprint, so same tokenizer and token ids)
-  do its logprobs mean anything; then each token gets the truncated importance weight
+  differently), plus EOS (see ``swarmnode.verify``). Only when the sender is in our cohort (same
+  fingerprint, so same tokenizer and token ids) and its token ids are exactly that re-tokenisation do
+  its ids and logprobs get used; then each token gets the truncated importance weight
   ``min(1, pi_local / pi_sender)`` (detached), which damps tokens the sender liked much more than we do.
 """
 
@@ -89,6 +90,9 @@ class Group:
     source: str = "local"
     policy_step: int = 0
     sender_logprobs: list[list[float]] | None = None
+    # Token ids to train on for external groups, set by verification (EOS included, so a shared
+    # completion also teaches where to stop); None: re-tokenise the text.
+    completion_ids: list[list[int]] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
 
 
@@ -217,7 +221,12 @@ class Trainer:
             prompt_ids = self._encode(g.problem.prompt, True)
             for i, s in enumerate(g.samples):
                 local = g.source == "local" and getattr(s, "token_ids", None)
-                ids = list(s.token_ids) if local else self._encode(s.text, False)
+                if local:
+                    ids = list(s.token_ids)
+                elif g.completion_ids is not None:
+                    ids = list(g.completion_ids[i])
+                else:
+                    ids = self._encode(s.text, False)
                 ids = ids[: self.config.max_new_tokens * 4]  # bound foreign text re-tokenised by us
                 if not ids:
                     continue

@@ -69,8 +69,10 @@ def verify_external(
 ) -> tuple[list[Group], Counter[str]]:
     """Groups fit for training from a decoded ``RolloutBatch``, and a Counter of rejection reasons.
 
-    Sender logprobs are kept (for the trainer's truncated importance weight) only when the batch comes
-    from our cohort and the completion text re-tokenises to exactly the token ids the sender claims.
+    Each group carries the token ids to train on: the local tokenisation of each completion's text
+    followed by EOS (completions are whole answers: the sender stopped there). Only when the batch comes
+    from our cohort and the sender's ids are exactly that (with or without its EOS) are its ids and
+    logprobs kept, the logprobs for the trainer's truncated importance weight.
     ``arrival_step`` (our step on receipt) stamps the groups for the staleness bound: peers' step
     counters are not comparable with ours; the sender's step is kept in ``meta``.
     """
@@ -117,11 +119,7 @@ def verify_external(
             continue
         seen.add(key)
         rewards = [float(family.score(problem, c.text)) for c in completions]
-        sender_logprobs = None
-        if same_cohort and tokenizer is not None and all(c.logprobs for c in completions):
-            encoded = [list(tokenizer.encode(c.text, add_special_tokens=False)) for c in completions]
-            if all(e == list(c.token_ids) for e, c in zip(encoded, completions, strict=True)):
-                sender_logprobs = [list(c.logprobs) for c in completions]
+        ids, sender_logprobs = _completion_ids(completions, tokenizer, same_cohort)
         groups.append(
             Group(
                 problem=problem,
@@ -130,7 +128,27 @@ def verify_external(
                 source=batch.author,
                 policy_step=batch.policy_step if arrival_step is None else arrival_step,
                 sender_logprobs=sender_logprobs,
+                completion_ids=ids,
                 meta={"claimed_rewards": [c.reward for c in completions], "sender_step": batch.policy_step},
             )
         )
     return groups, rejects
+
+
+def _completion_ids(
+    completions: list[Any], tokenizer: Any, same_cohort: bool
+) -> tuple[list[list[int]] | None, list[list[float]] | None]:
+    """(token ids to train on, sender logprobs or None) for one group's completions."""
+    if tokenizer is None:
+        return None, None
+    eos = getattr(tokenizer, "eos_token_id", None)
+    tail = [int(eos)] if isinstance(eos, int) else []
+    encoded = [list(tokenizer.encode(c.text, add_special_tokens=False)) for c in completions]
+    if same_cohort and all(c.logprobs for c in completions):
+        claimed = [list(c.token_ids) for c in completions]
+        if all(
+            (ids == enc or ids == enc + tail) and len(c.logprobs) == len(ids)
+            for ids, enc, c in zip(claimed, encoded, completions, strict=True)
+        ):
+            return claimed, [list(c.logprobs) for c in completions]
+    return [enc + tail for enc in encoded], None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 
 import torch
 
@@ -108,3 +109,18 @@ def test_replay_staleness_bounds_and_sampling():
     assert [(g.source, g.i) for g in out] == [("b", 0)]
     assert buf.statistics()["stale"] == 3
     assert len(buf) == 0
+
+
+def test_replay_keeps_only_groups_with_a_learning_signal():
+    @dataclass
+    class Scored:
+        source: str
+        rewards: list[float]
+
+    buf = ReplayBuffer()
+    buf.add([Scored("a", [1.0, 1.0]), Scored("a", [0.0, 0.0]), Scored("a", [0.0, 0.5])], step=0)
+    assert buf.statistics()["uninformative"] == 2
+    assert [g.rewards for g in buf.sample(5, now_step=0, rng=random.Random(0))] == [[0.0, 0.5]]
+    keep_all = ReplayBuffer(ReplayConfig(informative_only=False))
+    keep_all.add([Scored("a", [1.0, 1.0])], step=0)
+    assert len(keep_all) == 1

@@ -149,3 +149,30 @@ def test_load_state_from_a_peer_is_checked_and_keeps_own_hyperparams() -> None:
     with pytest.raises(ValueError, match="lr"):
         ob.load_state_dict({**hostile, "lr": -1.0}, load_hyperparams=True)
     assert ob.shapes() == {n: tuple(p.shape) for n, p in b.named_parameters()}
+
+
+def test_outer_step_carries_progress_made_after_publishing() -> None:
+    torch.manual_seed(0)
+    m = torch.nn.Linear(4, 3)
+    outer = DiLoCo(m.named_parameters(), lr=0.7, momentum=0.9)
+    anchor0 = {n: t.clone() for n, t in outer.anchor.items()}
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.1)  # inner steps of the round
+    published = outer.pseudo_gradient()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.01)  # inner steps while the round collects
+    after_publish = {n: p.detach().clone() for n, p in m.named_parameters()}
+    avg = {n: torch.randn_like(t) * 0.05 for n, t in published.items()}
+    carried = outer.outer_step(avg, published=published)
+    sq = 0.0
+    for n, p in m.named_parameters():
+        progress = after_publish[n] - (anchor0[n] - published[n])
+        sq += float(progress.pow(2).sum())
+        # first Nesterov step: buf = Δ, update = Δ + 0.9·Δ
+        expected_anchor = anchor0[n] - 0.7 * 1.9 * avg[n]
+        torch.testing.assert_close(outer.anchor[n], expected_anchor)
+        torch.testing.assert_close(p.detach(), expected_anchor + progress)
+    assert carried == pytest.approx(sq**0.5, rel=1e-5)
+    assert carried > 0

@@ -155,8 +155,10 @@ class FakeLearner:
 
     opt: Any = None  # the DeMo optimizer the trainer steps, when gossiping components
 
+    delay: float = 0.03  # seconds per inner step
+
     def train_step(self, local: list[Any], external: list[Any]) -> dict[str, float]:
-        time.sleep(0.03)
+        time.sleep(self.delay)
         if self.opt is not None:
             self.opt.step()  # a step takes time, so gossip (presence) flows between steps
         self.used_external += len(external)
@@ -182,9 +184,12 @@ class FakeMerger:
     def pseudo_gradient(self) -> dict[str, float]:
         return {"w": self.anchor - self.learner.w}
 
-    def outer_step(self, avg_delta: dict[str, float]) -> None:
+    def outer_step(self, avg_delta: dict[str, float], *, published: dict[str, float] | None = None) -> float:
+        # steps taken since the round was published are carried over, as DiLoCo.outer_step does
+        progress = self.learner.w - (self.anchor - published["w"]) if published is not None else 0.0
         self.anchor -= avg_delta["w"]  # outer lr 1, no momentum: plain averaging
-        self.learner.w = self.anchor
+        self.learner.w = self.anchor + progress
+        return abs(progress)
 
     def anchor_hash(self) -> str:
         return hashlib.sha256(struct.pack("<d", self.anchor)).hexdigest()[:16]
@@ -252,10 +257,13 @@ def test_three_nodes_share_and_merge(tmp_path: Path) -> None:
     ws = [n.learner.w for n in nodes]  # type: ignore[attr-defined]
     assert max(ws) - min(ws) < 1e-12
     rows = [json.loads(line) for line in (tmp_path / "n0.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    # one row per step, then the final row once the last round (published at step 6) is merged
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6, 6]
+    assert rows[-1]["train/final"] == 1.0
     assert rows[-1]["bytes_sent"] > 0
     # drifts 0.1, 0.2, 0.3 over 3 steps: Δs -0.3, -0.6, -0.9, mean distance (0.3 + 0 + 0.3) / 3
-    assert rows[2]["replica_distance_before_merge"] == pytest.approx(0.2)
+    first = next(r for r in rows if r["merges"] == 1)
+    assert first["replica_distance_before_merge"] == pytest.approx(0.2)
     assert rows[-1]["merges"] == 2
 
 
@@ -274,6 +282,25 @@ def test_dead_peer_does_not_stall_beyond_deadline() -> None:
         assert n.stats.merges == 1
         assert n.stats.blocked_on_network_s <= 0.5 + 0.2
     assert alive[0].merger.anchor_hash() == alive[1].merger.anchor_hash()  # type: ignore[union-attr]
+
+
+def test_fast_nodes_keep_training_while_a_round_collects(tmp_path: Path) -> None:
+    bus = Bus()
+    nodes = [
+        make_node(bus, f"n{i}", drift=0.1, tmp=tmp_path, steps=8, merge_every=4, collect_seconds=3.0)
+        for i in range(3)
+    ]
+    nodes[2].learner.delay = 0.12  # type: ignore[attr-defined]  # four times slower than the others
+    asyncio.run(_run_all(nodes))
+    rows = [json.loads(line) for line in (tmp_path / "n0.jsonl").read_text().splitlines()]
+    first = next(r for r in rows if r["merges"] == 1)
+    # n0 published round 1 at step 4 and went on stepping while the slow node caught up ...
+    assert first["step"] > 4
+    assert first["carried_progress"] > 0  # ... and kept those steps through the outer step
+    for n in nodes:
+        assert n.stats.merges == 2
+        assert n.stats.merge_contributors == 3  # nobody was left out: all arrived before the deadline
+    assert len({n.merger.anchor_hash() for n in nodes}) == 1  # type: ignore[union-attr]
 
 
 async def _timed(coro: Any) -> float:

@@ -46,6 +46,8 @@ def get_family(name: str) -> AddFamily:
 
 
 class CharTokenizer:
+    eos_token_id = 0
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(text.encode())
 
@@ -121,3 +123,30 @@ def test_other_cohort_keeps_no_sender_logprobs_and_arrival_step_stamps_groups():
     assert groups[0].sender_logprobs is None
     assert groups[0].policy_step == 42
     assert groups[0].meta["sender_step"] == 5
+
+
+def test_sender_ids_with_eos_are_trained_on_and_mismatched_ids_are_not():
+    eos = CharTokenizer.eos_token_id
+    stopped = _group(texts=("7", "8"))
+    # what the HF engine sends: the completion's ids end with EOS and carry one logprob per id
+    stopped = RolloutGroup(
+        task=stopped.task,
+        completions=[
+            Completion(text=c.text, token_ids=[*c.token_ids, eos], logprobs=[-0.5, -0.1], reward=0.0)
+            for c in stopped.completions
+        ],
+    )
+    groups, _ = _verify(_batch([stopped]))
+    assert groups[0].completion_ids == [[ord("7"), eos], [ord("8"), eos]]
+    assert groups[0].sender_logprobs == [[-0.5, -0.1], [-0.5, -0.1]]
+    lying = RolloutGroup(
+        task=stopped.task,
+        completions=[
+            Completion(text="7", token_ids=[ord("9"), eos], logprobs=[-0.5, -0.1], reward=0.0),
+            Completion(text="8", token_ids=[ord("8"), eos], logprobs=[-0.5, -0.1], reward=0.0),
+        ],
+    )
+    groups, _ = _verify(_batch([lying]))
+    # ids that do not spell the text: our own tokenisation (+EOS) is trained on, the logprobs dropped
+    assert groups[0].completion_ids == [[ord("7"), eos], [ord("8"), eos]]
+    assert groups[0].sender_logprobs is None

@@ -63,18 +63,35 @@ class DiLoCo:
         }
 
     @torch.no_grad()
-    def outer_step(self, avg_delta: Mapping[str, torch.Tensor]) -> None:
+    def outer_step(
+        self, avg_delta: Mapping[str, torch.Tensor], *, published: Mapping[str, torch.Tensor] | None = None
+    ) -> float:
         """One outer SGD(+Nesterov) step on the anchor with the averaged Δ, then local ← anchor.
 
         Same arithmetic as ``torch.optim.SGD(momentum=μ, nesterov=True)``: buf = μ·buf + Δ (buf = Δ on
         the first step), update = Δ + μ·buf, anchor −= lr·update.
+
+        ``published`` is this replica's own Δ as it was when the round was published. Inner steps
+        taken since then (training overlapped with the round's collection) are carried over:
+        local ← anchor' + (local − (anchor − published)). Returns the norm of that carried progress
+        (0.0 without ``published``).
         """
         self._check(avg_delta, "avg_delta")
+        if published is not None:
+            self._check(published, "published")
+        progress: dict[str, torch.Tensor] = {}
+        for name in self.params:
+            d = avg_delta[name]
+            if not torch.isfinite(d).all():
+                raise ValueError(f"avg_delta[{name!r}] has non-finite values; aggregate first")
+        if published is not None:
+            for name, p in self.params.items():
+                anchor = self.anchor[name]
+                then = anchor - published[name].to(device=anchor.device, dtype=torch.float32)
+                progress[name] = p.detach().to(dtype=torch.float32) - then
         for name in self.params:
             anchor = self.anchor[name]
             d = avg_delta[name].to(device=anchor.device, dtype=torch.float32)
-            if not torch.isfinite(d).all():
-                raise ValueError(f"avg_delta[{name!r}] has non-finite values; aggregate first")
             if self.momentum > 0:
                 buf = self.buffers.get(name)
                 if buf is None:
@@ -88,6 +105,12 @@ class DiLoCo:
             anchor.sub_(update, alpha=self.lr)
         self.outer_steps += 1
         self.reset_local()
+        sq = 0.0
+        for name, delta in progress.items():
+            p = self.params[name]
+            p.add_(delta.to(device=p.device, dtype=p.dtype))
+            sq += float(delta.pow(2).sum())
+        return sq**0.5
 
     @torch.no_grad()
     def reset_local(self) -> None:
