@@ -67,6 +67,9 @@ class Presence:
     round: int = field(metadata=rules(**COUNT))
     samples: int = field(metadata=rules(**COUNT))
     anchor_hash: str = field(metadata=rules(pattern=OPT_HASH_RE))
+    # "leaving": the node is shutting down; peers stop expecting its round contributions now instead
+    # of after the peer timeout.
+    status: Literal["active", "leaving"] = "active"
     version: tuple[int, int] = _version()
 
     def _problems(self) -> Iterator[str]:

@@ -208,6 +208,7 @@ class ProtocolWire:
             round=int(f["round"]),
             samples=int(self.samples()),
             anchor_hash=f.get("anchor_hash", ""),
+            status=f.get("status", "active"),
         )
 
     def encode_rollouts(self, *, author: str, cohort: str, step: int, groups: list[Any]) -> list[bytes]:

@@ -133,6 +133,7 @@ class NodeStats:
     last_reward: float = float("nan")
     last_eval: float = float("nan")
     dropped_messages: int = 0
+    peers_left: int = 0  # leave notices heard
     # mean ‖θ_i − θ̄‖ over this round's contributors just before the merge: with a shared anchor,
     # θ_i = anchor − Δ_i, so the spread of the Δs is exactly the spread of the replicas.
     replica_distance: float = float("nan")
@@ -209,6 +210,9 @@ class Node:
                     tg.create_task(self._demo_publisher()),
                 ]
                 await self._train_loop()
+                background[0].cancel()  # no "active" heartbeat may follow the leave notice
+                if self._stop.is_set():
+                    await self._say_goodbye()
                 for task in background:
                     task.cancel()
         finally:
@@ -271,16 +275,26 @@ class Node:
         await self.host.publish(topic, data)
         self.stats.bytes_sent += len(data)
 
+    def _presence(self, status: str = "active") -> Any:
+        return self.wire.presence(
+            peer_id=self.me,
+            cohort=self.cohort,
+            step=self.stats.step,
+            round=self.stats.round,
+            anchor_hash=self.merger.anchor_hash() if self.merger is not None else "",
+            status=status,
+        )
+
+    async def _say_goodbye(self) -> None:
+        """Stopped (SIGTERM/SIGINT): tell peers, so no round waits for a contribution we won't send."""
+        try:
+            await asyncio.wait_for(self.publish_record(self.topic_presence, self._presence("leaving")), 1.0)
+        except Exception as exc:  # leaving anyway; peers fall back to the peer timeout
+            log.info("leave notice not sent: %s", exc)
+
     async def _presence_loop(self) -> None:
         while True:
-            anchor = self.merger.anchor_hash() if self.merger is not None else ""
-            record = self.wire.presence(
-                peer_id=self.me,
-                cohort=self.cohort,
-                step=self.stats.step,
-                round=self.stats.round,
-                anchor_hash=anchor,
-            )
+            record = self._presence()
             try:
                 await self.publish_record(self.topic_presence, record)
             except Exception as exc:  # a failed heartbeat is retried on the next tick
@@ -307,6 +321,12 @@ class Node:
         kind = self.wire.kind(record)
         now = self.clock()
         if kind == "presence":
+            if getattr(record, "status", "active") == "leaving":
+                # Gone now: rounds in collection stop waiting for it (no peer timeout to sit out).
+                self.peers.pop(origin, None)
+                self._cohort_members.pop(origin, None)
+                self.stats.peers_left += 1
+                return
             self.peers[origin] = (now, record)
             if len(self.cohort_peers()) >= self.settings.expect_peers:
                 self._cohort_seen.set()

@@ -303,6 +303,22 @@ def test_fast_nodes_keep_training_while_a_round_collects(tmp_path: Path) -> None
     assert len({n.merger.anchor_hash() for n in nodes}) == 1  # type: ignore[union-attr]
 
 
+def test_a_stopped_node_says_goodbye_and_rounds_stop_waiting_for_it() -> None:
+    bus = Bus()
+    nodes = [make_node(bus, f"n{i}", drift=0.1, steps=6, merge_every=3, collect_seconds=5.0) for i in range(3)]
+    leaver = nodes[2]
+    leaver.on_step = lambda row: leaver.stop() if row["step"] == 2 else None
+    elapsed = asyncio.run(_timed(_run_all(nodes)))
+    assert leaver.stats.step == 2
+    for n in nodes[:2]:
+        assert n.stats.peers_left == 1
+        assert "n2" not in n.cohort_peers()
+        assert n.stats.merges == 2
+        assert n.stats.merge_contributors == 2
+    # without the notice each round would wait out the 5 s collection deadline for n2
+    assert elapsed < 4.0
+
+
 async def _timed(coro: Any) -> float:
     loop = asyncio.get_running_loop()
     t0 = loop.time()
