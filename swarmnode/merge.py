@@ -1,6 +1,6 @@
 """DiLoCo rounds for one node, overlapped with training.
 
-At the end of round r (every H inner steps) the node computes its pseudo-gradient Δ = anchor − θ,
+At the end of round r (every H inner steps, or every ``round_seconds`` of wall time) the node computes its pseudo-gradient Δ = anchor − θ,
 serves it as a blob, publishes a manifest, and **keeps training**. A background task gathers peers'
 manifests until every live cohort peer has published or the collection deadline passes, then pulls
 their blobs (bounded by the same deadline). At the next step boundary after that task finishes the
@@ -18,11 +18,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from swarmnode.catchup import CatchupError, Snapshot, StateServer, choose_source, fetch_state
+from swarmnode.rounds import RoundClock
 
 if TYPE_CHECKING:
     from swarmnode.node import Node
@@ -62,6 +63,18 @@ class MergeRounds:
         self._pending: _Pending | None = None
         self._served_blob = ""
         self.samples_since_publish = 0
+        # Wall-clock rounds (``round_seconds`` > 0): every node ends round r at the same time whatever
+        # its speed, so a faster node contributes more inner steps (weighted by samples) and nobody
+        # waits for a slower one. Otherwise round r ends after H = ``merge_every`` inner steps.
+        self.clock_rounds: RoundClock | None = None
+        self._open_round: int | None = None
+        if node.settings.round_seconds > 0:
+            self.clock_rounds = RoundClock.for_swarm(
+                node.settings.swarm,
+                round_seconds=node.settings.round_seconds,
+                collect_seconds=node.settings.collect_seconds,
+                clock=node.wall_clock,
+            )
 
     # -- gossip in -------------------------------------------------------------------------------
 
@@ -79,13 +92,34 @@ class MergeRounds:
 
     # -- the round -------------------------------------------------------------------------------
 
+    def _due(self, step: int) -> tuple[int, float] | None:
+        """(round to publish, its collection deadline on ``node.clock``) if a round ended at this step."""
+        if self.clock_rounds is None:
+            H = self.settings.merge_every
+            if H and step % H == 0:
+                return step // H, self.node.clock() + self.settings.collect_seconds
+            return None
+        now = self.clock_rounds.current()
+        if self._open_round is None:  # first step: we joined mid-round, take part from the next one
+            self._open_round = now
+            return None
+        if now <= self._open_round:
+            return None
+        # Every node names the round by the wall clock, so ids agree without a coordinator; a step
+        # longer than a round skips ids rather than publishing a stale one.
+        rnd, self._open_round = now - 1, now
+        wall_left = (
+            self.clock_rounds.round_end(rnd) + self.settings.collect_seconds - self.clock_rounds.clock()
+        )
+        return rnd, self.node.clock() + max(0.0, wall_left)
+
     async def at_step_boundary(self, step: int) -> None:
         """Called between inner steps: apply a finished collection; start the next round when due."""
         pending = self._pending
         if pending is not None and pending.task.done():
             await self._apply(pending)
-        H = self.settings.merge_every
-        if H and step % H == 0:
+        due = self._due(step)
+        if due is not None:
             pending = self._pending
             if pending is not None:  # round r+1 ended before round r's collection: wait (bounded)
                 t0 = self.node.clock()
@@ -93,7 +127,7 @@ class MergeRounds:
                     await asyncio.shield(pending.task)
                 self.stats.blocked_on_network_s += self.node.clock() - t0
                 await self._apply(pending)
-            await self._publish(step // H)
+            await self._publish(*due)
 
     async def drain(self) -> None:
         """Finish the round in flight (bounded by its deadline) so the final state is merged."""
@@ -111,7 +145,7 @@ class MergeRounds:
             self._pending.task.cancel()
             self._pending = None
 
-    async def _publish(self, rnd: int) -> None:
+    async def _publish(self, rnd: int, deadline: float) -> None:
         node = self.node
         delta = await asyncio.to_thread(self.merger.pseudo_gradient)
         blob = await asyncio.to_thread(node.wire.encode_delta, delta)
@@ -131,7 +165,6 @@ class MergeRounds:
             anchor_hash=self.merger.anchor_hash(),
         )
         await node.publish_record(node.topic_rounds, manifest)
-        deadline = node.clock() + self.settings.collect_seconds
         task = asyncio.create_task(self._collect(rnd, deadline))
         self._pending = _Pending(rnd, delta, own, weight, content_hash, task)
 
@@ -272,6 +305,3 @@ class MergeRounds:
         self._inboxes = {r: v for r, v in self._inboxes.items() if r > self.stats.round}
         self.refresh_snapshot()
         log.info("caught up from %s: round %d step %d", source, manifest.round, manifest.step)
-
-
-AggregateFn = Callable[[list[Contribution]], dict[str, Any]]

@@ -35,7 +35,8 @@ class NodeSettings:
     duration_s: float = 0.0  # 0: no wall-clock limit
     eval_every: int = 5
     share_rollouts: bool = True
-    merge_every: int = 0  # H inner steps per DiLoCo round; 0 disables merges
+    merge_every: int = 0  # H inner steps per DiLoCo round; 0: no step-based rounds
+    round_seconds: float = 0.0  # > 0: wall-clock DiLoCo rounds of this length instead (merge_every unused)
     collect_seconds: float = 5.0  # how long a round waits for peers' pseudo-gradients at most
     presence_interval_s: float = 2.0
     peer_timeout_s: float = 15.0  # a peer not heard from for this long is no longer expected
@@ -52,11 +53,26 @@ class NodeSettings:
         for name in ("steps", "eval_every", "merge_every", "expect_peers"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("duration_s", "collect_seconds", "join_wait_s", "presence_interval_s", "peer_timeout_s"):
+        for name in (
+            "duration_s",
+            "collect_seconds",
+            "join_wait_s",
+            "presence_interval_s",
+            "peer_timeout_s",
+            "round_seconds",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.eval_every == 0:
             raise ValueError("eval_every must be >= 1")
+        if self.round_seconds and not 0 < self.collect_seconds <= self.round_seconds:
+            raise ValueError(
+                f"collect_seconds must be in (0, round_seconds={self.round_seconds}], got {self.collect_seconds}"
+            )
+
+    @property
+    def merges(self) -> bool:
+        return bool(self.merge_every or self.round_seconds)
 
 
 class Host(Protocol):
@@ -156,6 +172,7 @@ class Node:
         demo: Any = None,
         aggregate: Callable[[list[tuple[dict[str, Any], float]]], dict[str, Any]] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
         on_step: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self.settings = settings
@@ -169,6 +186,7 @@ class Node:
         if demo is not None:
             demo.publish = self._publish_demo_threadsafe
         self.clock = clock
+        self.wall_clock = wall_clock  # names wall-clock rounds; everything else uses ``clock``
         self.aggregate = aggregate
         self.on_step = on_step
         self.stats = NodeStats()
@@ -210,9 +228,10 @@ class Node:
                     tg.create_task(self._demo_publisher()),
                 ]
                 await self._train_loop()
+                if self.rounds is not None and not self._stop.is_set():
+                    await self._linger(self.settings.collect_seconds)
                 background[0].cancel()  # no "active" heartbeat may follow the leave notice
-                if self._stop.is_set():
-                    await self._say_goodbye()
+                await self._say_goodbye()
                 for task in background:
                     task.cancel()
         finally:
@@ -285,8 +304,19 @@ class Node:
             status=status,
         )
 
+    async def _linger(self, limit_s: float) -> None:
+        """Budget spent: keep serving our last pseudo-gradient until every cohort peer has merged our
+        final round or left (or ``limit_s`` passed), so nobody merges that round without us."""
+        end = self.clock() + limit_s
+        while self.clock() < end and any(  # noqa: ASYNC110 - polls presence, bounded by limit_s
+            int(getattr(self.peers[p][1], "round", 0)) < self.stats.round
+            for p in self.cohort_peers()
+            if p in self.peers
+        ):
+            await asyncio.sleep(0.05)
+
     async def _say_goodbye(self) -> None:
-        """Stopped (SIGTERM/SIGINT): tell peers, so no round waits for a contribution we won't send."""
+        """Stopped or budget spent: tell peers, so no round waits for a contribution we won't send."""
         try:
             await asyncio.wait_for(self.publish_record(self.topic_presence, self._presence("leaving")), 1.0)
         except Exception as exc:  # leaving anyway; peers fall back to the peer timeout
@@ -356,7 +386,7 @@ class Node:
     async def _train_loop(self) -> None:
         s = self.settings
         start = self.clock()
-        rounds = self.rounds if s.merge_every else None
+        rounds = self.rounds if s.merges else None
         if self.rounds is not None:
             self.rounds.refresh_snapshot()
         if rounds is not None and s.join_wait_s:
