@@ -304,6 +304,10 @@ class DiLoCoMerger:
         result: str = self.diloco.anchor_hash()
         return result
 
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        result: dict[str, tuple[int, ...]] = self.diloco.shapes()
+        return result
+
     def state_blob(self) -> bytes:
         state = self.diloco.state_dict()
         tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}

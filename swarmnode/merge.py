@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -44,11 +43,12 @@ class _Pending:
     """A published round whose collection runs in the background."""
 
     round: int
-    published: dict[str, Any]  # our exact Δ at publish time (θ_published = anchor − Δ)
-    own: dict[str, Any]  # our Δ as peers will decode it (int8): what enters the average
-    weight: float
-    content_hash: str
     task: asyncio.Task[dict[str, Contribution]]
+    # None for a round we only observe (a joiner merging the round in flight when it loaded state)
+    published: dict[str, Any] | None = None  # our exact Δ at publish time (θ_published = anchor − Δ)
+    own: dict[str, Any] | None = None  # our Δ as peers will decode it (int8): what enters the average
+    weight: float = 0.0
+    content_hash: str = ""
 
 
 class MergeRounds:
@@ -119,18 +119,18 @@ class MergeRounds:
         if pending is not None and pending.task.done():
             await self._apply(pending)
         due = self._due(step)
-        if due is not None:
-            pending = self._pending
-            if pending is not None:  # round r+1 ended before round r's collection: wait (bounded)
-                t0 = self.node.clock()
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(pending.task)
-                self.stats.blocked_on_network_s += self.node.clock() - t0
-                await self._apply(pending)
-            await self._publish(*due)
+        if due is None or due[0] <= self.stats.round:
+            return  # not a round's end, or merged already (a joiner loaded state past it)
+        pending = self._pending
+        if pending is not None and pending.own is None and due[0] <= pending.round:
+            return  # we observe this round: the cohort published it before we joined
+        # Round r+1 ended before round r's collection did: wait for it (bounded by its deadline).
+        await self.drain()
+        await self._publish(*due)
 
     async def drain(self) -> None:
-        """Finish the round in flight (bounded by its deadline) so the final state is merged."""
+        """Finish the round in flight (bounded by its deadline) and apply it; the wait is counted as
+        blocked on the network."""
         pending = self._pending
         if pending is None:
             return
@@ -166,49 +166,55 @@ class MergeRounds:
         )
         await node.publish_record(node.topic_rounds, manifest)
         task = asyncio.create_task(self._collect(rnd, deadline))
-        self._pending = _Pending(rnd, delta, own, weight, content_hash, task)
+        self._pending = _Pending(rnd, task, delta, own, weight, content_hash)
 
     async def _collect(self, rnd: int, deadline: float) -> dict[str, Contribution]:
-        """Peers' (Δ, weight) for round ``rnd``: wait for every live cohort peer's manifest, never
-        past the deadline, then pull the blobs (also bounded by the deadline)."""
+        """Peers' (Δ, weight) for round ``rnd``.
+
+        Manifests count until every live cohort peer has published or the deadline passes. Each blob
+        is pulled as soon as its manifest arrives, so waiting for a peer that never publishes does not
+        eat the time to fetch the ones that did; every pull is bounded by the same deadline.
+        """
         node = self.node
         inbox = self._inboxes.setdefault(rnd, _Inbox())
-        while True:
-            expected = set(node.cohort_peers())
-            if expected <= set(inbox.manifests):
-                break
-            remaining = deadline - node.clock()
-            if remaining <= 0:
-                break
-            inbox.arrived.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(inbox.arrived.wait(), timeout=min(remaining, 0.25))
-        return await self._fetch_all(list(inbox.manifests.values()), deadline)
-
-    async def _fetch_all(self, manifests: Iterable[Any], deadline: float) -> dict[str, Contribution]:
-        node = self.node
-        limit_all = self.settings.max_blob_bytes
-
-        async def one(m: Any) -> tuple[str, Contribution]:
-            data = await node.host.fetch(m.content_hash, [m.author], max_size=min(int(m.size), limit_all))
-            self.stats.bytes_received += len(data)
-            delta = await asyncio.to_thread(node.wire.decode_delta, data, limit_all)
-            return str(m.author), (delta, float(m.weight))
-
-        tasks = [asyncio.create_task(one(m)) for m in manifests]
-        if not tasks:
-            return {}
-        done, pending = await asyncio.wait(tasks, timeout=max(0.0, deadline - node.clock()))
-        for task in pending:  # a slow or dead peer is left out of this round
-            task.cancel()
+        fetches: dict[str, asyncio.Task[Contribution]] = {}
+        try:
+            while True:
+                for author, manifest in inbox.manifests.items():
+                    if author not in fetches:
+                        fetches[author] = asyncio.create_task(self._fetch_one(manifest))
+                expected = set(node.cohort_peers())
+                if expected <= set(inbox.manifests):
+                    break
+                remaining = deadline - node.clock()
+                if remaining <= 0:
+                    break
+                inbox.arrived.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(inbox.arrived.wait(), timeout=min(remaining, 0.25))
+            if not fetches:
+                return {}
+            await asyncio.wait(fetches.values(), timeout=max(0.0, deadline - node.clock()))
+        finally:
+            for task in fetches.values():  # a slow or dead peer is left out of this round
+                task.cancel()
         out: dict[str, Contribution] = {}
-        for task in done:
-            if task.exception() is not None:
-                log.info("pseudo-gradient fetch failed: %s", task.exception())
+        for author, task in fetches.items():
+            if not task.done() or task.cancelled():
                 continue
-            author, contribution = task.result()
-            out[author] = contribution
+            if task.exception() is not None:
+                log.info("pseudo-gradient fetch from %s failed: %s", author, task.exception())
+                continue
+            out[author] = task.result()
         return out
+
+    async def _fetch_one(self, m: Any) -> Contribution:
+        node = self.node
+        limit = self.settings.max_blob_bytes
+        data = await node.host.fetch(m.content_hash, [m.author], max_size=min(int(m.size), limit))
+        self.stats.bytes_received += len(data)
+        delta = await asyncio.to_thread(node.wire.decode_delta, data, limit)
+        return delta, float(m.weight)
 
     async def _apply(self, pending: _Pending) -> None:
         self._pending = None
@@ -217,7 +223,11 @@ class MergeRounds:
         except Exception as exc:  # collection itself failed: merge what we have (our own Δ)
             log.warning("round %d collection failed: %s", pending.round, exc)
             fetched = {}
-        contributions: dict[str, Contribution] = {**fetched, self.node.me: (pending.own, pending.weight)}
+        contributions: dict[str, Contribution] = dict(fetched)
+        if pending.own is not None:
+            contributions[self.node.me] = (pending.own, pending.weight)
+        if not contributions:  # observed a round nobody's contribution reached us for: nothing to do
+            return
         # Sorted by author so every node sums in the same order and lands on the same anchor bits.
         ordered = [contributions[a] for a in sorted(contributions)]
         await asyncio.to_thread(self._outer_step, ordered, pending)
@@ -226,9 +236,10 @@ class MergeRounds:
         self.stats.merge_contributors = len(ordered)
         self.refresh_snapshot()
         # Serve our blob until the next round: slower peers may still be fetching it.
-        if self._served_blob:
-            self.node.host.remove_blob(self._served_blob)
-        self._served_blob = pending.content_hash
+        if pending.content_hash:
+            if self._served_blob:
+                self.node.host.remove_blob(self._served_blob)
+            self._served_blob = pending.content_hash
         for old in [r for r in self._inboxes if r <= pending.round]:
             del self._inboxes[old]
 
@@ -241,9 +252,8 @@ class MergeRounds:
         else:
             from swarmnode.aggregate import robust_mean
 
-            # Our own Δ defines the expected names/shapes: a peer's mismatching blob is dropped.
-            expected = {name: tuple(t.shape) for name, t in pending.own.items()}
-            avg = robust_mean(contributions, expected=expected)
+            # Our model defines the expected names/shapes: a peer's mismatching blob is dropped.
+            avg = robust_mean(contributions, expected=self.merger.shapes())
         carried = self.merger.outer_step(avg, published=pending.published)
         self.stats.carried_progress = float(carried) if carried is not None else float("nan")
 
@@ -304,4 +314,11 @@ class MergeRounds:
         self.samples_since_publish = 0
         self._inboxes = {r: v for r, v in self._inboxes.items() if r > self.stats.round}
         self.refresh_snapshot()
+        if not target:
+            # The snapshot is the anchor after round r while the cohort may already be collecting
+            # round r+1 from that anchor: merge that round with them (our Δ would be empty) so we
+            # land on the anchor they land on, then take part from the round after.
+            nxt = self.stats.round + 1
+            task = asyncio.create_task(self._collect(nxt, self.node.clock() + self.settings.collect_seconds))
+            self._pending = _Pending(nxt, task)
         log.info("caught up from %s: round %d step %d", source, manifest.round, manifest.step)

@@ -112,6 +112,7 @@ class Merger(Protocol):
         """Returns ‖progress carried over‖ (steps taken since ``published`` was computed) or None."""
 
     def anchor_hash(self) -> str: ...
+    def shapes(self) -> dict[str, tuple[int, ...]]: ...
     def state_blob(self) -> bytes: ...
     def load_state_blob(self, blob: bytes) -> None: ...
 
@@ -458,6 +459,7 @@ class Node:
             "external_groups": st.external_groups,
             "rejected_groups": st.rejected_groups,
             "merges": st.merges,
+            "merge_contributors": st.merge_contributors,
             "heals": st.heals,
             "replica_distance_before_merge": st.replica_distance,
             "carried_progress": st.carried_progress,

@@ -194,6 +194,9 @@ class FakeMerger:
     def anchor_hash(self) -> str:
         return hashlib.sha256(struct.pack("<d", self.anchor)).hexdigest()[:16]
 
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {"w": ()}
+
     def state_blob(self) -> bytes:
         return struct.pack("<d", self.anchor)
 
