@@ -85,10 +85,11 @@ class DiLoCo:
             if not torch.isfinite(d).all():
                 raise ValueError(f"avg_delta[{name!r}] has non-finite values; aggregate first")
         if published is not None:
-            for name, p in self.params.items():
-                anchor = self.anchor[name]
-                then = anchor - published[name].to(device=anchor.device, dtype=torch.float32)
-                progress[name] = p.detach().to(dtype=torch.float32) - then
+            # local − (anchor − published) = published − (anchor − local): computed as the difference
+            # of two pseudo-gradients so that no progress gives exactly zero (replicas stay bit-equal)
+            now = self.pseudo_gradient()
+            for name in self.params:
+                progress[name] = published[name].to(torch.float32).cpu() - now[name]
         for name in self.params:
             anchor = self.anchor[name]
             d = avg_delta[name].to(device=anchor.device, dtype=torch.float32)
