@@ -118,7 +118,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--nodes", type=int, default=4)
     ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--merge-every", type=int, default=10)
+    ap.add_argument("--merge-every", type=int, default=0, help="step-based rounds of H steps instead")
+    ap.add_argument("--round-seconds", type=float, default=8.0, help="wall-clock DiLoCo round length")
     ap.add_argument("--out", type=Path, default=Path("runs/bench-swarm"))
     ap.add_argument("--model", default="")
     ap.add_argument("--optimizer", choices=["demo", "adamw"], default="demo", help="the swarm arm's")
@@ -149,6 +150,7 @@ def main() -> int:
         model=model,
         swarm="bench-swarm",
         merge_every=args.merge_every,
+        round_seconds=0.0 if args.merge_every else args.round_seconds,
         node_args=[
             *common,
             "--local-groups",
@@ -184,6 +186,7 @@ def main() -> int:
         "replica_distance_before_merge": swa["replica_distance_before_merge"],
         "replica_distance_after_merge": swa["replica_distance_after_merge"],
         "swarm_optimizer": args.optimizer,
+        "round": f"{args.merge_every} steps" if args.merge_every else f"{args.round_seconds} s",
         "swarm_lr": lr,
         "merges": swa["merges"],
         "merges_where_distance_dropped": swa["merges_where_distance_dropped"],

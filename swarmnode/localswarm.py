@@ -40,7 +40,10 @@ class SwarmPlan:
     out: Path = Path("runs/local-swarm")
     model: str = ""
     swarm: str = "local"
-    merge_every: int = 10  # DiLoCo round length H; 0: share rollouts only
+    merge_every: int = 10  # DiLoCo round length H in steps; 0 (and no round_seconds): share rollouts only
+    # > 0: wall-clock rounds of this many seconds instead (every node publishes at the same moment,
+    # however far apart their step counts drift; merge_every is then unused)
+    round_seconds: float = 0.0
     node_args: list[str] = field(default_factory=list)
     start_timeout_s: float = 120.0
     # After --duration, nodes get this long to finish their step and exit before being stopped.
@@ -51,6 +54,8 @@ class SwarmPlan:
             raise ValueError(f"nodes must be in 1..64, got {self.nodes}")
         if self.steps < 0:
             raise ValueError(f"steps must be >= 0, got {self.steps}")
+        if self.round_seconds < 0:
+            raise ValueError(f"round seconds must be >= 0, got {self.round_seconds}")
         if self.duration_s < 0:
             raise ValueError(f"duration must be >= 0, got {self.duration_s}")
         if self.steps == 0 and self.duration_s == 0:
@@ -120,7 +125,9 @@ def _node_command(plan: SwarmPlan, index: int, data_dir: Path, bootstrap: str) -
         cmd += ["--bootstrap", bootstrap]
     # Different sampling seeds per node: identical nodes would generate identical rollouts.
     cmd += ["--seed", str(index)]
-    if plan.merge_every:
+    if plan.round_seconds:
+        cmd += ["--diloco", "--round-seconds", str(plan.round_seconds)]
+    elif plan.merge_every:
         cmd += ["--diloco", "--inner-steps", str(plan.merge_every)]
     # Hear every other node before the first step, so round 1 already merges all of them.
     cmd += ["--expect-peers", str(plan.nodes - 1), "--join-wait", "20"] if plan.nodes > 1 else []
@@ -261,7 +268,7 @@ def run_swarm(plan: SwarmPlan, *, node_cmd: list[str] | None = None, live: bool 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--nodes", type=int, default=3, help="number of nodes (default 3)")
+    parser.add_argument("--nodes", type=int, default=4, help="number of nodes (default 4)")
     parser.add_argument("--steps", type=int, default=0, help="training steps per node")
     parser.add_argument("--duration", type=float, default=0.0, help="seconds per node (instead of --steps)")
     parser.add_argument("--out", type=Path, default=Path("runs/local-swarm"), help="output directory")
@@ -269,7 +276,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--model", default="", help="model dir or hub id (default: the locally built tiny model)"
     )
     parser.add_argument("--swarm", default="local", help="swarm name (topic namespace)")
-    parser.add_argument("--merge-every", type=int, default=20, help="DiLoCo round length in steps (0: none)")
+    parser.add_argument(
+        "--round-seconds",
+        type=float,
+        default=8.0,
+        help="DiLoCo round length in wall-clock seconds (default 8; 0: use --merge-every)",
+    )
+    parser.add_argument(
+        "--merge-every", type=int, default=0, help="DiLoCo round length in steps instead (0: no merges)"
+    )
     parser.add_argument(
         "node_args", nargs=argparse.REMAINDER, help="after --: extra flags passed to every `swarmnode run`"
     )
@@ -278,7 +293,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     steps, duration = args.steps, args.duration
     if steps == 0 and duration == 0:
-        # The default CPU demo: a time budget rather than a step count, since 3 processes share the
+        # The default CPU demo: a time budget rather than a step count, since the processes share the
         # cores; the tiny model needs a few hundred GRPO steps before held-out accuracy moves.
         duration = 240.0
     model = args.model
@@ -297,6 +312,7 @@ def main(args: argparse.Namespace) -> int:
             swarm=args.swarm,
             node_args=extra,
             merge_every=args.merge_every,
+            round_seconds=args.round_seconds,
         )
     except ValueError as exc:
         print(f"swarmnode local-swarm: {exc}", file=sys.stderr)
