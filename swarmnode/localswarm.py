@@ -107,7 +107,7 @@ def _fmt(v: Any, spec: str) -> str:
 
 def status_table(nodes: list[NodeProc]) -> str:
     lines = [
-        f"{'node':>4} {'state':>7} {'step':>5} {'reward':>7} {'acc':>6} {'peers':>5} {'ext':>5} {'round':>5}"
+        f"{'node':>4} {'state':>7} {'step':>5} {'reward':>7} {'acc':>6} {'peers':>5} {'ext':>5} {'merges':>6}"
     ]
     for n in nodes:
         rows = read_metrics(n.metrics_path)
@@ -118,7 +118,7 @@ def status_table(nodes: list[NodeProc]) -> str:
         lines.append(
             f"{n.index:>4} {state:>7} {_fmt(last.get('step'), 'd'):>5} {_fmt(last.get('reward'), '.3f'):>7} "
             f"{_fmt(accs[-1] if accs else None, '.3f'):>6} {_fmt(last.get('peers'), 'd'):>5} "
-            f"{_fmt(last.get('external_groups'), 'd'):>5} {_fmt(last.get('round'), 'd'):>5}"
+            f"{_fmt(last.get('external_groups'), 'd'):>5} {_fmt(last.get('merges'), 'd'):>6}"
         )
     return "\n".join(lines)
 
