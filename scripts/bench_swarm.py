@@ -124,6 +124,7 @@ def main() -> int:
     ap.add_argument("--model", default="")
     ap.add_argument("--optimizer", choices=["demo", "adamw"], default="demo", help="the swarm arm's")
     ap.add_argument("--lr", type=float, default=0.0, help="swarm arm (default: 5e-4 demo, 3e-4 adamw)")
+    ap.add_argument("--isolated-lr", type=float, default=3e-4, help="the isolated arm's AdamW lr")
     ap.add_argument("--collect-seconds", type=float, default=3.0)
     ap.add_argument("--arms", default="isolated,swarm", help="which arms to run (comma separated)")
     args = ap.parse_args()
@@ -141,7 +142,16 @@ def main() -> int:
         model=model,
         swarm="bench-isolated",
         merge_every=0,
-        node_args=[*common, "--local-groups", "8", "--external-groups", "0", "--no-share-rollouts"],
+        node_args=[
+            *common,
+            "--local-groups",
+            "8",
+            "--external-groups",
+            "0",
+            "--no-share-rollouts",
+            "--lr",
+            str(args.isolated_lr),
+        ],
     )
     swarm = SwarmPlan(
         nodes=args.nodes,
@@ -188,6 +198,7 @@ def main() -> int:
         "swarm_optimizer": args.optimizer,
         "round": f"{args.merge_every} steps" if args.merge_every else f"{args.round_seconds} s",
         "swarm_lr": lr,
+        "isolated_lr": args.isolated_lr,
         "merges": swa["merges"],
         "merges_where_distance_dropped": swa["merges_where_distance_dropped"],
         "merges_with_equal_anchors": swa["merges_with_equal_anchors"],
