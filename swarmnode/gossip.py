@@ -337,8 +337,10 @@ class DemoExchange:
 
     The trainer calls ``step()`` in its worker thread. We compute our components (momentum, DCT,
     top-k, error feedback), hand them to the event loop to publish, and apply the aggregate of our
-    own and the peers' newest components that arrived within ``max_lag`` steps of ours (nodes are never
-    in lockstep; every peer publishes every step, so each step finds about one message per peer).
+    own and each peer's newest components that arrived since our previous step (the inbox is emptied
+    every step, so everything in it is fresh whatever the peer's step counter says: nodes are never in
+    lockstep, and with wall-clock rounds their counters drift apart without bound). ``max_lag`` (off by
+    default) additionally drops components whose step number is further than that from ours.
     ``window_s`` > 0 additionally waits that long when nothing has arrived yet; the default never
     waits, because a fresh peer message is rarely worth more than the step it would cost. Any wait is
     counted in ``blocked_s``.
@@ -350,7 +352,7 @@ class DemoExchange:
         *,
         publish: Callable[[int, Any], None],
         window_s: float = 0.0,
-        max_lag: int = 4,
+        max_lag: int | None = None,
     ) -> None:
         self.demo = demo
         self.publish = publish
@@ -371,7 +373,8 @@ class DemoExchange:
                 self._cond.notify_all()
 
     def _take(self) -> list[Any]:
-        fresh = [c for s, c in self._inbox.values() if abs(s - self.step_no) <= self.max_lag]
+        lag = self.max_lag
+        fresh = [c for s, c in self._inbox.values() if lag is None or abs(s - self.step_no) <= lag]
         self._inbox.clear()
         return fresh
 

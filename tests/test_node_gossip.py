@@ -162,3 +162,31 @@ def test_demo_components_round_trip_through_the_wire() -> None:
     )
     with pytest.raises(ProtocolError, match="chunking"):
         other.demo_of(wire.decode(data))
+
+
+def test_demo_exchange_uses_what_arrived_since_the_last_step_whatever_the_peers_step() -> None:
+    from swarmnode.gossip import DemoExchange
+
+    class Demo:
+        def __init__(self) -> None:
+            self.applied: list[list[str]] = []
+
+        def compute_components(self) -> str:
+            return "mine"
+
+        def apply_components(self, peers: list[str]) -> None:
+            self.applied.append(list(peers))
+
+    demo = Demo()
+    sent: list[tuple[int, str]] = []
+    ex = DemoExchange(demo, publish=lambda step, c: sent.append((step, c)))
+    ex.receive("a", 5000, "far-ahead")  # wall-clock rounds: step counters drift apart
+    ex.receive("b", 3, "old")
+    ex.receive("b", 4, "newer")  # newest per peer wins
+    ex.step()
+    ex.step()  # nothing new arrived: only our own components
+    assert sent == [(0, "mine"), (1, "mine")]
+    assert sorted(demo.applied[0]) == ["far-ahead", "newer"]
+    assert demo.applied[1] == []
+    assert ex.used == 2
+    assert ex.blocked_s < 0.05  # the default never waits for peers
