@@ -211,7 +211,7 @@ def mean(contribs: list[tuple[dict[str, float], float]]) -> dict[str, float]:
 
 
 def make_node(bus: Bus, name: str, drift: float, tmp: Path | None = None, **kw: Any) -> Node:
-    learner = FakeLearner(drift=drift)
+    learner = FakeLearner(drift=drift, fingerprint=kw.pop("cohort", "cohort-a"))
     settings = NodeSettings(
         presence_interval_s=0.02,
         collect_seconds=kw.pop("collect_seconds", 1.0),
@@ -362,6 +362,21 @@ def test_wall_clock_rounds_weight_faster_nodes_by_their_samples(tmp_path: Path) 
             prev = r["merges"]
     # rounds every node merged with the same contributions land on one anchor everywhere
     assert sum(len(h) == 1 for h in by_round.values()) >= 2, by_round
+
+
+def test_different_models_share_rollouts_but_merge_only_within_their_cohort() -> None:
+    bus = Bus()
+    same = [make_node(bus, f"a{i}", drift=0.1 * (i + 1), steps=6, merge_every=3) for i in range(3)]
+    other = make_node(bus, "b0", drift=0.5, steps=6, merge_every=3, cohort="cohort-b")
+    asyncio.run(_run_all([*same, other]))
+    assert other.stats.external_groups > 0  # rollouts cross cohorts (re-scored by the receiver) ...
+    assert all(n.stats.external_groups > 0 for n in same)
+    for n in same:
+        assert n.stats.merge_contributors == 3  # ... pseudo-gradients do not
+        assert "b0" not in n.cohort_peers()
+    assert other.stats.merge_contributors == 1
+    assert len({n.merger.anchor_hash() for n in same}) == 1  # type: ignore[union-attr]
+    assert other.merger.anchor_hash() != same[0].merger.anchor_hash()  # type: ignore[union-attr]
 
 
 async def _timed(coro: Any) -> float:
