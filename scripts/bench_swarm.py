@@ -126,6 +126,9 @@ def main() -> int:
     ap.add_argument("--lr", type=float, default=0.0, help="swarm arm (default: 5e-4 demo, 3e-4 adamw)")
     ap.add_argument("--isolated-lr", type=float, default=3e-4, help="the isolated arm's AdamW lr")
     ap.add_argument("--collect-seconds", type=float, default=3.0)
+    ap.add_argument("--outer-lr", type=float, default=0.7, help="DiLoCo outer (Nesterov) lr")
+    ap.add_argument("--swarm-local", type=int, default=4, help="swarm arm: local groups per step")
+    ap.add_argument("--swarm-external", type=int, default=4, help="swarm arm: external groups per step")
     ap.add_argument("--arms", default="isolated,swarm", help="which arms to run (comma separated)")
     args = ap.parse_args()
     lr = args.lr or (5e-4 if args.optimizer == "demo" else 3e-4)
@@ -164,15 +167,17 @@ def main() -> int:
         node_args=[
             *common,
             "--local-groups",
-            "4",
+            str(args.swarm_local),
             "--external-groups",
-            "4",
+            str(args.swarm_external),
             "--optimizer",
             args.optimizer,
             "--lr",
             str(lr),
             "--collect-seconds",
             str(args.collect_seconds),
+            "--outer-lr",
+            str(args.outer_lr),
         ],
     )
     arms = set(args.arms.split(","))
@@ -199,6 +204,8 @@ def main() -> int:
         "round": f"{args.merge_every} steps" if args.merge_every else f"{args.round_seconds} s",
         "swarm_lr": lr,
         "isolated_lr": args.isolated_lr,
+        "outer_lr": args.outer_lr,
+        "swarm_groups": f"{args.swarm_local}/{args.swarm_external}",
         "merges": swa["merges"],
         "merges_where_distance_dropped": swa["merges_where_distance_dropped"],
         "merges_with_equal_anchors": swa["merges_with_equal_anchors"],
