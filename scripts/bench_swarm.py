@@ -127,6 +127,7 @@ def main() -> int:
     ap.add_argument("--isolated-lr", type=float, default=3e-4, help="the isolated arm's AdamW lr")
     ap.add_argument("--collect-seconds", type=float, default=3.0)
     ap.add_argument("--outer-lr", type=float, default=0.7, help="DiLoCo outer (Nesterov) lr")
+    ap.add_argument("--outer-momentum", type=float, default=0.9, help="DiLoCo outer momentum")
     ap.add_argument("--swarm-local", type=int, default=4, help="swarm arm: local groups per step")
     ap.add_argument("--swarm-external", type=int, default=4, help="swarm arm: external groups per step")
     ap.add_argument("--arms", default="isolated,swarm", help="which arms to run (comma separated)")
@@ -178,6 +179,8 @@ def main() -> int:
             str(args.collect_seconds),
             "--outer-lr",
             str(args.outer_lr),
+            "--outer-momentum",
+            str(args.outer_momentum),
         ],
     )
     arms = set(args.arms.split(","))
@@ -205,6 +208,7 @@ def main() -> int:
         "swarm_lr": lr,
         "isolated_lr": args.isolated_lr,
         "outer_lr": args.outer_lr,
+        "outer_momentum": args.outer_momentum,
         "swarm_groups": f"{args.swarm_local}/{args.swarm_external}",
         "merges": swa["merges"],
         "merges_where_distance_dropped": swa["merges_where_distance_dropped"],
