@@ -291,10 +291,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--round-seconds",
         type=float,
         default=8.0,
-        help="DiLoCo round length in wall-clock seconds (default 8; 0: use --merge-every)",
+        help="DiLoCo round length in wall-clock seconds (default 8; 0 and no --merge-every: no merges)",
     )
     parser.add_argument(
-        "--merge-every", type=int, default=0, help="DiLoCo round length in steps instead (0: no merges)"
+        "--merge-every", type=int, default=0, help="DiLoCo rounds of this many steps instead of seconds"
     )
     parser.add_argument(
         "node_args", nargs=argparse.REMAINDER, help="after --: extra flags passed to every `swarmnode run`"
@@ -323,7 +323,7 @@ def main(args: argparse.Namespace) -> int:
             swarm=args.swarm,
             node_args=extra,
             merge_every=args.merge_every,
-            round_seconds=args.round_seconds,
+            round_seconds=0.0 if args.merge_every else args.round_seconds,  # --merge-every wins
         )
     except ValueError as exc:
         print(f"swarmnode local-swarm: {exc}", file=sys.stderr)

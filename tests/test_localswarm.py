@@ -192,3 +192,16 @@ def _anchors_by_round(node_dir: Path) -> dict[int, str]:
         if row.get("anchor_hash") and row.get("merges", 0) >= 1:
             out.setdefault(int(row["round"]), row["anchor_hash"])
     return out
+
+
+def test_node_command_picks_wall_clock_or_step_rounds(tmp_path: Path) -> None:
+    from swarmnode.localswarm import _node_command
+
+    timed = _node_command(SwarmPlan(nodes=2, steps=5, round_seconds=8.0), 1, tmp_path, "/ip4/x")
+    assert timed[timed.index("--round-seconds") + 1] == "8.0"
+    assert "--inner-steps" not in timed
+    stepped = _node_command(SwarmPlan(nodes=2, steps=5, merge_every=20), 1, tmp_path, "/ip4/x")
+    assert stepped[stepped.index("--inner-steps") + 1] == "20"
+    assert "--round-seconds" not in stepped
+    with pytest.raises(ValueError, match="round seconds"):
+        SwarmPlan(nodes=2, steps=5, round_seconds=-1.0)
