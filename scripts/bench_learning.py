@@ -23,7 +23,7 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     train.add_arguments(parser)
-    parser.set_defaults(steps=10_000, minutes=10.0, eval_every=0, checkpoint_every=0, no_progress=True)
+    parser.set_defaults(steps=10**9, minutes=10.0, eval_every=0, checkpoint_every=0, no_progress=True)
     parser.add_argument("--window", type=int, default=10, help="steps averaged for reward_start/end")
     argv = sys.argv[1:]
     if "--data-dir" not in argv:

@@ -126,7 +126,9 @@ def main() -> int:
     ap.add_argument("--model", default="")
     ap.add_argument("--optimizer", choices=["demo", "adamw"], default="adamw", help="the swarm arm's")
     ap.add_argument("--lr", type=float, default=0.0, help="swarm arm (default: 5e-4 demo, 3e-4 adamw)")
-    ap.add_argument("--isolated-lr", type=float, default=3e-4, help="the isolated arm's AdamW lr")
+    ap.add_argument(
+        "--isolated-lr", type=float, default=0.0, help="the isolated arm's AdamW lr (default: the swarm's)"
+    )
     ap.add_argument("--collect-seconds", type=float, default=2.0)
     ap.add_argument("--outer-lr", type=float, default=0.7, help="DiLoCo outer (Nesterov) lr")
     ap.add_argument("--outer-momentum", type=float, default=0.9, help="DiLoCo outer momentum")
@@ -134,7 +136,8 @@ def main() -> int:
     ap.add_argument("--swarm-external", type=int, default=4, help="swarm arm: external groups per step")
     ap.add_argument("--arms", default="isolated,swarm", help="which arms to run (comma separated)")
     args = ap.parse_args()
-    lr = args.lr or (5e-4 if args.optimizer == "demo" else 3e-4)
+    lr = args.lr or (5e-4 if args.optimizer == "demo" else 6e-4)
+    isolated_lr = args.isolated_lr or (lr if args.optimizer == "adamw" else 6e-4)
     model = args.model
     if not model:
         from swarmnode.tinymodel import build_tiny_policy
@@ -156,7 +159,7 @@ def main() -> int:
             "0",
             "--no-share-rollouts",
             "--lr",
-            str(args.isolated_lr),
+            str(isolated_lr),
         ],
     )
     swarm = SwarmPlan(
@@ -208,7 +211,7 @@ def main() -> int:
         "swarm_optimizer": args.optimizer,
         "round": f"{args.merge_every} steps" if args.merge_every else f"{args.round_seconds} s",
         "swarm_lr": lr,
-        "isolated_lr": args.isolated_lr,
+        "isolated_lr": isolated_lr,
         "outer_lr": args.outer_lr,
         "outer_momentum": args.outer_momentum,
         "swarm_groups": f"{args.swarm_local}/{args.swarm_external}",

@@ -7,7 +7,8 @@ Layout of the TOML file (every key optional; unknown keys are errors, so typos n
     [model]      model, engine, device, dtype
     [task]       family, seed
     [train]      optimizer, steps, duration_s, eval_every, group_size, local_groups, external_groups,
-                 lr, max_new_tokens, temperature, staleness_steps, share_rollouts
+                 lr, max_new_tokens, temperature, staleness_steps, external_prefer,
+                 share_rollouts
     [demo]       topk, chunk, use_dct, value_codec, gossip
     [diloco]     enabled, inner_steps, round_seconds, outer_lr, momentum, collect_seconds
     [checkpoint] every, keep
@@ -130,6 +131,9 @@ class TrainSection:
     max_new_tokens: int = 64
     temperature: float = 1.0
     staleness_steps: int = 4
+    # which verified external groups a step takes first: "best" (highest-scoring solutions to the
+    # problems the sender found hardest) or "fresh" (newest); see swarmnode.replay
+    external_prefer: Literal["best", "fresh"] = "best"
     share_rollouts: bool = True
 
     def __post_init__(self) -> None:
@@ -376,6 +380,7 @@ _FLAGS: list[tuple[str, str, dict[str, Any]]] = [
     ("--max-new-tokens", "train.max_new_tokens", {"type": int}),
     ("--temperature", "train.temperature", {"type": float}),
     ("--staleness-steps", "train.staleness_steps", {"type": int}),
+    ("--external-prefer", "train.external_prefer", {"choices": ["best", "fresh"]}),
     ("--share-rollouts", "train.share_rollouts", {"action": argparse.BooleanOptionalAction}),
     ("--topk", "demo.topk", {"type": int}),
     ("--chunk", "demo.chunk", {"type": int}),

@@ -182,7 +182,7 @@ def build_learner(cfg: Any, data_dir: Path) -> TrainerLearner:
         policy=policy,
         engine=engine,
         trainer=trainer,
-        replay=ReplayBuffer(ReplayConfig(staleness_steps=t.staleness_steps)),
+        replay=ReplayBuffer(ReplayConfig(staleness_steps=t.staleness_steps, prefer=t.external_prefer)),
         seed=cfg.task.seed,
         verify=verify_external,
         heldout=heldout_problems(cfg.task.family, 64),

@@ -1,7 +1,7 @@
 """Replay buffer of verified external rollout groups (SAPO), bounded per author and by staleness.
 
-Bounded per author so one chatty (or hostile) peer cannot crowd out everyone else; sampling draws an
-author-balanced-by-count uniform sample of the groups still fresh enough to learn from. Groups whose
+Bounded per author so one chatty (or hostile) peer cannot crowd out everyone else; sampling takes the
+fresh groups with the best solutions first (see ``ReplayBuffer.sample``). Groups whose
 completions all scored the same carry no GRPO signal (zero advantage everywhere), so by default they
 are not kept: every external slot in a step goes to a group the policy can learn from.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 from collections import Counter, deque
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 
 @dataclass(kw_only=True, slots=True)
@@ -20,6 +20,7 @@ class ReplayConfig:
     max_authors: int = 256
     staleness_steps: int = 8
     informative_only: bool = True  # drop zero-variance groups on arrival
+    prefer: Literal["best", "fresh"] = "best"  # which fresh groups ``sample`` takes first
 
     def __post_init__(self) -> None:
         if self.per_author < 1:
@@ -28,6 +29,8 @@ class ReplayConfig:
             raise ValueError(f"max_authors: expected >= 1, got {self.max_authors}")
         if self.staleness_steps < 0:
             raise ValueError(f"staleness_steps: expected >= 0, got {self.staleness_steps}")
+        if self.prefer not in ("best", "fresh"):
+            raise ValueError(f"prefer: expected 'best' or 'fresh', got {self.prefer!r}")
 
 
 def is_informative(group: Any) -> bool:
@@ -80,19 +83,32 @@ class ReplayBuffer:
                 del self._by_author[author]
 
     def sample(self, j: int, now_step: int, rng: random.Random) -> list[Any]:
-        """Up to ``j`` distinct fresh groups, removed from the buffer (each group is learned from once)."""
+        """Up to ``j`` distinct fresh groups, removed from the buffer (each group is learned from once).
+
+        ``prefer="best"``: the groups whose best completion scored highest first, and among those the
+        ones the sender found hardest (lowest mean reward): a peer's solution to a problem most of its
+        own samples failed is the experience worth borrowing (SAPO's "aha moments"). ``"fresh"``: the
+        newest arrivals first (the most on-policy). Remaining ties go to the newest arrival, then
+        authors take turns in a random order, so no peer crowds out another.
+        """
         self._evict_stale(now_step)
-        pool = [(a, i) for a, q in self._by_author.items() for i in range(len(q))]
-        picked = rng.sample(pool, min(j, len(pool)))
-        out = []
-        for author, i in sorted(picked, key=lambda t: (t[0], -t[1])):  # delete high indices first
-            q = self._by_author[author]
-            out.append(q[i][1])
-            del q[i]
+        order = list(self._by_author)
+        rng.shuffle(order)
+        turn = {a: t for t, a in enumerate(order)}
+        best = self.config.prefer == "best"
+        pool = []
+        for a, q in self._by_author.items():
+            for i, (arrived, g) in enumerate(q):
+                rewards = list(getattr(g, "rewards", None) or [0.0])
+                quality = (-max(rewards), sum(rewards) / len(rewards)) if best else (0.0, 0.0)
+                pool.append((quality, -arrived, len(q) - 1 - i, turn[a], a, i))
+        picked = sorted(pool)[:j]
+        out = [self._by_author[a][i][1] for *_, a, i in picked]
+        for *_, a, i in sorted(picked, key=lambda t: (t[-2], -t[-1])):  # delete high indices first
+            del self._by_author[a][i]
         for author in [a for a, q in self._by_author.items() if not q]:
             del self._by_author[author]
         self._counts["sampled"] += len(out)
-        rng.shuffle(out)
         return out
 
     def statistics(self) -> dict[str, int]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+import pytest
 import torch
 
 from swarmnode.checkpoint import CheckpointManager, optimizer_from_tensors, optimizer_to_tensors
@@ -124,3 +125,33 @@ def test_replay_keeps_only_groups_with_a_learning_signal():
     keep_all = ReplayBuffer(ReplayConfig(informative_only=False))
     keep_all.add([Scored("a", [1.0, 1.0])], step=0)
     assert len(keep_all) == 1
+
+
+@dataclass
+class _Scored:
+    source: str
+    rewards: list[float]
+
+
+def test_replay_takes_the_best_solutions_to_the_hardest_problems_first():
+    buf = ReplayBuffer(ReplayConfig(staleness_steps=8))
+    buf.add([_Scored("a", [0.0, 0.5]), _Scored("a", [1.0, 0.9])], step=0)  # an easy problem, solved
+    buf.add([_Scored("b", [0.0, 1.0]), _Scored("b", [0.2, 0.4])], step=1)  # b solved a hard one
+    out = buf.sample(3, now_step=1, rng=random.Random(0))
+    assert [g.rewards for g in out] == [[0.0, 1.0], [1.0, 0.9], [0.0, 0.5]]
+    assert [g.rewards for g in buf.sample(3, now_step=1, rng=random.Random(0))] == [[0.2, 0.4]]
+
+
+def test_replay_fresh_takes_newest_first_and_authors_take_turns():
+    buf = ReplayBuffer(ReplayConfig(staleness_steps=8, prefer="fresh"))
+    buf.add([_Scored("a", [0.0, 1.0])], step=0)
+    buf.add([_Scored("a", [0.0, 0.1]), _Scored("a", [0.0, 0.2])], step=2)
+    buf.add([_Scored("b", [0.0, 0.3]), _Scored("b", [0.0, 0.4])], step=2)
+    out = buf.sample(4, now_step=2, rng=random.Random(1))
+    # step-2 arrivals first, each author's newest before its older one, authors alternating
+    assert {g.source for g in out[:2]} == {"a", "b"}
+    assert [g.rewards[1] for g in out if g.source == "a"] == [0.2, 0.1]
+    assert [g.rewards[1] for g in out if g.source == "b"] == [0.4, 0.3]
+    assert len(buf) == 1
+    with pytest.raises(ValueError, match="prefer"):
+        ReplayConfig(prefer="random")  # type: ignore[arg-type]
