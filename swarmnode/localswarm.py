@@ -216,6 +216,20 @@ def summarize(nodes: list[NodeProc], out: Path) -> dict[str, Any]:
     return summary
 
 
+REWARD_WINDOW = 50
+
+
+def moving_average(xs: list[float], window: int) -> list[float]:
+    """Trailing mean over up to ``window`` values (fewer at the start)."""
+    out, total = [], 0.0
+    for i, x in enumerate(xs):
+        total += x
+        if i >= window:
+            total -= xs[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
 def plot(nodes: list[NodeProc], path: Path) -> None:
     import matplotlib
 
@@ -228,12 +242,22 @@ def plot(nodes: list[NodeProc], path: Path) -> None:
         if not rows:
             continue
         t0 = rows[0]["time"] - rows[0].get("step_s", 0.0)
-        ax_r.plot([r["time"] - t0 for r in rows], [r.get("reward") for r in rows], label=f"node {n.index}")
+        scored = [r for r in rows if r.get("reward") is not None]
+        ax_r.plot(
+            [r["time"] - t0 for r in scored],
+            moving_average([r["reward"] for r in scored], REWARD_WINDOW),
+            label=f"node {n.index}",
+        )
         ev = [r for r in rows if r.get("eval_acc") is not None]
         ax_a.plot(
-            [r["time"] - t0 for r in ev], [r["eval_acc"] for r in ev], marker="o", label=f"node {n.index}"
+            [r["time"] - t0 for r in ev],
+            [r["eval_acc"] for r in ev],
+            marker="o",
+            markersize=3,
+            label=f"node {n.index}",
         )
-    ax_r.set(title="mean reward per step", xlabel="seconds", ylabel="reward")
+    # one step's reward is the mean of a few groups: too noisy to read a trend from unsmoothed
+    ax_r.set(title=f"reward (mean of the last {REWARD_WINDOW} steps)", xlabel="seconds", ylabel="reward")
     ax_a.set(title="held-out accuracy (greedy)", xlabel="seconds", ylabel="accuracy", ylim=(0, 1))
     ax_r.legend()
     ax_a.legend()

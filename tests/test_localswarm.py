@@ -205,3 +205,10 @@ def test_node_command_picks_wall_clock_or_step_rounds(tmp_path: Path) -> None:
     assert "--round-seconds" not in stepped
     with pytest.raises(ValueError, match="round seconds"):
         SwarmPlan(nodes=2, steps=5, round_seconds=-1.0)
+
+
+def test_moving_average_is_a_trailing_mean() -> None:
+    from swarmnode.localswarm import moving_average
+
+    assert moving_average([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+    assert moving_average([], 5) == []
