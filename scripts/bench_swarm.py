@@ -128,7 +128,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=Path("runs/bench-swarm"))
     ap.add_argument("--model", default="")
     ap.add_argument("--optimizer", choices=["demo", "adamw"], default="adamw", help="the swarm arm's")
-    ap.add_argument("--lr", type=float, default=0.0, help="swarm arm (default: 5e-4 demo, 3e-4 adamw)")
+    ap.add_argument("--lr", type=float, default=0.0, help="swarm arm (default: 5e-4 demo, 6e-4 adamw)")
     ap.add_argument(
         "--isolated-optimizer",
         choices=["adamw", "demo"],
@@ -136,7 +136,7 @@ def main() -> int:
         help="the isolated arm's (demo: DeMo alone, no gossip: a reference for a DeMo swarm)",
     )
     ap.add_argument(
-        "--isolated-lr", type=float, default=0.0, help="the isolated arm's AdamW lr (default: the swarm's)"
+        "--isolated-lr", type=float, default=0.0, help="the isolated arm's lr (default: the swarm's)"
     )
     ap.add_argument("--collect-seconds", type=float, default=2.0)
     ap.add_argument("--outer-lr", type=float, default=0.7, help="DiLoCo outer (Nesterov) lr")
