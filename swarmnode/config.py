@@ -6,9 +6,9 @@ Layout of the TOML file (every key optional; unknown keys are errors, so typos n
     [network]    data_dir, listen_host, port, bootstrap, target_peers
     [model]      model, engine, device, dtype
     [task]       family, seed
-    [train]      optimizer, steps, duration_s, eval_every, group_size, local_groups, external_groups,
-                 lr, max_new_tokens, temperature, staleness_steps, external_prefer,
-                 share_rollouts
+    [train]      optimizer, steps, duration_s, eval_every, eval_prompts, group_size, local_groups,
+                 external_groups, lr, max_new_tokens, temperature, staleness_steps,
+                 external_prefer, share_rollouts
     [demo]       topk, chunk, use_dct, value_codec, gossip
     [diloco]     enabled, inner_steps, round_seconds, outer_lr, momentum, collect_seconds
     [checkpoint] every, keep
@@ -124,6 +124,8 @@ class TrainSection:
     steps: int | None = None  # None: run until stopped
     duration_s: float | None = None  # None: no wall-clock limit
     eval_every: int = 5
+    # held-out problems per evaluation (greedy exact match): accuracy moves in steps of 1/eval_prompts
+    eval_prompts: int = 64
     group_size: int = 8
     local_groups: int = 4
     external_groups: int = 4
@@ -142,6 +144,7 @@ class TrainSection:
         if self.duration_s is not None:
             _range("duration_s", self.duration_s, 0.0)
         _range("eval_every", self.eval_every, 1)
+        _range("eval_prompts", self.eval_prompts, 1, 100_000)
         _range("group_size", self.group_size, 2, 1024)  # GRPO advantages need >= 2 samples
         _range("local_groups", self.local_groups, 0, 4096)
         _range("external_groups", self.external_groups, 0, 4096)
@@ -373,6 +376,7 @@ _FLAGS: list[tuple[str, str, dict[str, Any]]] = [
     ("--steps", "train.steps", {"type": int, "help": "training steps (0: until stopped)"}),
     ("--duration", "train.duration_s", {"type": float, "help": "seconds to run (0: no limit)"}),
     ("--eval-every", "train.eval_every", {"type": int}),
+    ("--eval-prompts", "train.eval_prompts", {"type": int, "help": "held-out problems per evaluation"}),
     ("--group-size", "train.group_size", {"type": int}),
     ("--local-groups", "train.local_groups", {"type": int}),
     ("--external-groups", "train.external_groups", {"type": int}),

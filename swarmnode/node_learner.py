@@ -185,7 +185,7 @@ def build_learner(cfg: Any, data_dir: Path) -> TrainerLearner:
         replay=ReplayBuffer(ReplayConfig(staleness_steps=t.staleness_steps, prefer=t.external_prefer)),
         seed=cfg.task.seed,
         verify=verify_external,
-        heldout=heldout_problems(cfg.task.family, 64),
+        heldout=heldout_problems(cfg.task.family, cfg.train.eval_prompts),
         external_groups=t.external_groups,
         diloco=diloco,
         checkpoints=CheckpointManager(data_dir / "checkpoints", keep=cfg.checkpoint.keep),

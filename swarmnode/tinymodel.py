@@ -31,7 +31,10 @@ CHARS = string.digits + string.ascii_lowercase + "+-*=:?., "
 # Greedy held-out accuracy after the default warm-up (500 problems, seed 0): add 1500 steps → 9.0 %;
 # count 200 steps → 34.2 % (the count plateau of a tiny model, reached almost at once); reverse 200 steps
 # → 13.4 % (it reaches 97 % by 1500, leaving RL nothing to do).
-WARMUP_STEPS = {"add": 1500, "count": 200, "reverse": 200}
+# reverse-exact (binary reward) needs a model that can already hit longer words now and then: after 200
+# steps a sampled answer to a 4-letter word is right 0.4 % of the time, so exact-match RL collapses onto
+# 3-letter words (the only ones that ever score); after 400 steps it is 12 % (4 letters) and 4 % (6).
+WARMUP_STEPS = {"add": 1500, "count": 200, "reverse": 200, "reverse-exact": 400}
 DEFAULT_WARMUP_STEPS = 1500
 
 
@@ -81,6 +84,14 @@ def build_tokenizer():  # -> PreTrainedTokenizerFast
     return fast
 
 
+def default_warmup_steps(family: str) -> int:
+    """The family's own entry in WARMUP_STEPS, else that of the family whose questions it asks."""
+    from swarmnode.tasks import get_family
+
+    space = get_family(family).problem_space
+    return WARMUP_STEPS.get(family, WARMUP_STEPS.get(space, DEFAULT_WARMUP_STEPS))
+
+
 def build_tiny_policy(
     out_dir: str | os.PathLike[str],
     *,
@@ -92,10 +103,14 @@ def build_tiny_policy(
     """Build (or reuse) the tiny policy in ``out_dir``; returns the directory.
 
     ``warmup_steps=None`` takes the family's default from ``WARMUP_STEPS`` (tuned per family so the
-    warmed-up model is weak but not hopeless).
+    warmed-up model is weak but not hopeless). A family that only rescores another's questions
+    (``reverse-exact``) is warmed up on those questions, for its own number of steps.
     """
+    from swarmnode.tasks import get_family
+
     if warmup_steps is None:
-        warmup_steps = WARMUP_STEPS.get(family, DEFAULT_WARMUP_STEPS)
+        warmup_steps = default_warmup_steps(family)
+    family = get_family(family).problem_space  # unknown family: fail before any work
     spec = TinyModelSpec(family=family, seed=seed, warmup_steps=warmup_steps, **spec_overrides)  # type: ignore[arg-type]
     out = Path(out_dir)
     want = {"version": BUILD_VERSION, "spec": asdict(spec)}
@@ -107,9 +122,6 @@ def build_tiny_policy(
             have = None
         if have and {k: have.get(k) for k in want} == want and (out / "model.safetensors").is_file():
             return out
-    from swarmnode.tasks import get_family
-
-    get_family(spec.family)  # unknown family: fail before any work
     tokenizer = build_tokenizer()
     model = _new_model(spec, tokenizer)
     t0 = time.perf_counter()

@@ -83,6 +83,15 @@ def test_launcher_flags(tmp_path: Path) -> None:
     assert cfg.task.seed == 2
 
 
+def test_eval_prompts_flag_and_range() -> None:
+    assert load_config(None, {}).train.eval_prompts == 64
+    assert _parse(["--eval-prompts", "200"]).train.eval_prompts == 200
+    with pytest.raises(
+        ConfigError, match=r"command line: train\.eval_prompts must be in \[1, 100000\], got 0"
+    ):
+        load_config(None, {"train.eval_prompts": 0})
+
+
 def test_bare_override_keys_resolve() -> None:
     cfg = load_config(None, {"lr": 1e-4, "diloco.outer_lr": 0.5, "topk": None})
     assert cfg.train.lr == 1e-4

@@ -61,3 +61,13 @@ def test_build_is_deterministic(tmp_path):
 def test_build_rejects_unknown_family(tmp_path):
     with pytest.raises(KeyError, match="unknown task family"):
         build_tiny_policy(tmp_path / "x", family="nope", warmup_steps=1)
+
+
+def test_rescoring_family_is_warmed_up_on_its_base_questions():
+    from swarmnode.tinymodel import WARMUP_STEPS, default_warmup_steps
+
+    assert default_warmup_steps("reverse") == WARMUP_STEPS["reverse"]
+    assert default_warmup_steps("reverse-exact") == WARMUP_STEPS["reverse-exact"]
+    assert default_warmup_steps("count-exact") == WARMUP_STEPS["count"]  # no entry of its own
+    with pytest.raises(KeyError, match="unknown task family"):
+        default_warmup_steps("nope")

@@ -84,6 +84,32 @@ def test_reverse_and_count_partial_credit():
     assert 0.0 < cnt.score(q, far) < cnt.score(q, near) < 1.0
 
 
+@pytest.mark.parametrize("name", BUILTIN)
+def test_exact_variant_asks_the_same_questions_with_a_binary_reward(name):
+    base, exact = get_family(name), get_family(f"{name}-exact")
+    assert exact.problem_space == base.problem_space == name
+    for i in range(30):
+        b, e = base.problem(3, i), exact.problem(3, i)
+        assert (e.family, e.prompt, e.answer) == (f"{name}-exact", b.prompt, b.answer)
+        longer = b.answer + ("1" if b.answer.isdigit() else "a")  # right alphabet, one extra character
+        assert base.score(b, longer) > 0.0
+        assert (exact.score(e, e.answer), exact.score(e, longer)) == (1.0, 0.0)
+    # same held-out split: a question held out of one is held out of both, and training never sees it
+    held = [p.prompt for p in heldout_problems(f"{name}-exact", 50)]
+    assert held == [p.prompt for p in heldout_problems(name, 50)]
+    assert all(exact.is_heldout(p) for p in heldout_problems(f"{name}-exact", 50))
+    assert not set(held) & {exact.problem(0, i).prompt for i in range(2000)}
+
+
+def test_exact_reverse_gives_no_partial_credit():
+    base, exact = get_family("reverse"), get_family("reverse-exact")
+    p = exact.problem(1, 0)
+    wrong = p.answer[:-1] + ("a" if p.answer[-1] != "a" else "b")
+    assert 0.0 < base.score(base.problem(1, 0), wrong) < 1.0
+    assert exact.score(p, wrong) == 0.0
+    assert exact.score(p, f" {p.answer}\n") == 1.0
+
+
 def test_problem_rejects_bad_index():
     with pytest.raises(ValueError, match="index"):
         get_family("add").problem(0, -1)

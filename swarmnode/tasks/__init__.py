@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from swarmnode.tasks.base import Problem, TaskFamily, is_heldout_prompt, stable_hash
-from swarmnode.tasks.builtin import AddFamily, CountFamily, ReverseFamily
+from swarmnode.tasks.builtin import AddFamily, CountFamily, ExactFamily, ReverseFamily
 
 _REGISTRY: dict[str, TaskFamily] = {}
 
@@ -42,6 +42,7 @@ def heldout_problems(family: str, n: int) -> list[Problem]:
 
 for _family in (AddFamily(), ReverseFamily(), CountFamily()):
     register(_family)
+    register(ExactFamily(_family))
 
 __all__ = [
     "Problem",

@@ -45,6 +45,13 @@ class TaskFamily:
     """Base class: subclasses set ``name`` and implement ``_draw`` and ``score``."""
 
     name: str = ""
+    # Which question stream (and held-out split) the family draws from; "" means its own ``name``.
+    # Two families with one space ask the same questions and differ only in how they score them.
+    space: str = ""
+
+    @property
+    def problem_space(self) -> str:
+        return self.space or self.name
 
     def _draw(self, rng: random.Random) -> tuple[str, str]:
         """One random (prompt, answer) pair."""
@@ -57,22 +64,22 @@ class TaskFamily:
         return _clean(completion_text) == problem.answer
 
     def is_heldout(self, problem: Problem) -> bool:
-        return is_heldout_prompt(self.name, problem.prompt)
+        return is_heldout_prompt(self.problem_space, problem.prompt)
 
     def problem(self, seed: int, index: int) -> Problem:
         """The training problem (seed, index): deterministic, never a held-out question."""
         if not isinstance(seed, int) or not isinstance(index, int) or index < 0:
             raise ValueError(f"seed and index must be ints with index >= 0, got {seed!r}, {index!r}")
-        rng = random.Random(stable_hash(self.name, seed, index))
+        rng = random.Random(stable_hash(self.problem_space, seed, index))
         for _ in range(_MAX_DRAWS):
             prompt, answer = self._draw(rng)
-            if not is_heldout_prompt(self.name, prompt):
+            if not is_heldout_prompt(self.problem_space, prompt):
                 return Problem(family=self.name, seed=seed, index=index, prompt=prompt, answer=answer)
         raise RuntimeError(f"{self.name}: {_MAX_DRAWS} held-out draws in a row for ({seed}, {index})")
 
     def heldout(self, n: int) -> list[Problem]:
         """The first ``n`` distinct held-out questions of a fixed stream (same list in every process)."""
-        rng = random.Random(stable_hash(self.name, "heldout-stream"))
+        rng = random.Random(stable_hash(self.problem_space, "heldout-stream"))
         out: list[Problem] = []
         seen: set[str] = set()
         # Bounded: each draw is held out with p = 1/HELDOUT_BUCKETS; a family too small to supply n
@@ -81,7 +88,7 @@ class TaskFamily:
             if len(out) >= n:
                 break
             prompt, answer = self._draw(rng)
-            if prompt in seen or not is_heldout_prompt(self.name, prompt):
+            if prompt in seen or not is_heldout_prompt(self.problem_space, prompt):
                 continue
             seen.add(prompt)
             out.append(Problem(family=self.name, seed=-1, index=len(out), prompt=prompt, answer=answer))

@@ -3,6 +3,10 @@
 Scoring shape (all families): 1.0 exact; otherwise FORMAT_CREDIT for an answer in the right alphabet
 plus up to PARTIAL_CREDIT for position-wise correct characters; 0.0 for anything else. Partial credit
 stays below 1.0 so an exact answer is always strictly best.
+
+``<family>-exact`` (e.g. ``reverse-exact``) asks the same questions with a binary reward: 1.0 for an
+exact answer, 0.0 otherwise. That is the regime of reasoning benchmarks, where a group whose answers are
+all wrong carries no signal, so a node learns much more from peers' groups that contain a hit.
 """
 
 from __future__ import annotations
@@ -82,6 +86,21 @@ class CountFamily(TaskFamily):
         # Off by one earns more than a wild guess: a smooth signal for the counting skill.
         miss = abs(int(got) - int(problem.answer))
         return FORMAT_CREDIT + PARTIAL_CREDIT * max(0.0, 1.0 - miss / 3)
+
+
+class ExactFamily(TaskFamily):
+    """``base``'s questions (same stream, same held-out split), scored 1.0 exact / 0.0 otherwise."""
+
+    def __init__(self, base: TaskFamily) -> None:
+        self.base = base
+        self.name = f"{base.name}-exact"
+        self.space = base.problem_space
+
+    def _draw(self, rng: random.Random) -> tuple[str, str]:
+        return self.base._draw(rng)
+
+    def score(self, problem: Problem, completion_text: str) -> float:
+        return 1.0 if self.is_correct(problem, completion_text) else 0.0
 
 
 def _number(rng: random.Random, digits: int) -> int:
