@@ -168,3 +168,50 @@ def test_real_policy_collect_train_evaluate(tiny_policy_dir):
     acc = tr.evaluate(heldout_problems("add", 8))
     assert 0.0 <= acc <= 1.0
     engine.close()
+
+
+def test_same_cohort_group_from_the_wire_trains_like_the_local_group(tiny_policy_dir):
+    """A peer's group that crossed the network (encode, decode, verify) moves the weights as the same
+    group trained locally does: the external path loses nothing and adds nothing."""
+    from swarmnode.engines import make_engine
+    from swarmnode.gossip import encode_batches, to_rollout_group
+    from swarmnode.policy import load_policy
+    from swarmnode.protocol import codec
+    from swarmnode.verify import verify_external
+
+    policy = load_policy(str(tiny_policy_dir))
+    engine = make_engine("hf", policy)
+    cfg = GRPOConfig(task="reverse", group_size=6, local_groups=4, max_new_tokens=8, lr=1e-2, grad_clip=1e9)
+    tr = Trainer(policy, engine, torch.optim.SGD(policy.model.parameters(), lr=1e-2), cfg)
+    tok, eos = policy.tokenizer, [policy.tokenizer.eos_token_id]
+
+    def round_trips(s):  # a barely trained model can emit tokens its decoded text does not keep
+        return list(s.token_ids) in (tok.encode(s.text, add_special_tokens=False) + e for e in ([], eos))
+
+    groups = [
+        g
+        for g in tr.collect_local(3)
+        if max(g.rewards) > min(g.rewards) and all(round_trips(s) for s in g.samples)
+    ]
+    assert groups, "no group with a learning signal whose text round-trips"
+    wire = encode_batches("peer", policy.fingerprint, 3, [to_rollout_group(g) for g in groups])
+    external = []
+    for msg in wire:
+        got, rejects = verify_external(
+            codec.decode(msg), policy.tokenizer, local_fingerprint=policy.fingerprint
+        )
+        assert not rejects
+        external += got
+    assert [g.rewards for g in external] == [g.rewards for g in groups]
+    assert all(g.sender_logprobs is not None for g in external)  # same cohort: ids and logprobs kept
+
+    start = {k: v.clone() for k, v in policy.model.state_dict().items()}
+    tr.train_step(groups, [], step=3)
+    after_local = {k: v.clone() for k, v in policy.model.state_dict().items()}
+    policy.model.load_state_dict(start)
+    tr.train_step([], external, step=3)
+    moved = sum(float((after_local[k] - start[k]).norm()) for k in start)
+    diff = sum(float((policy.model.state_dict()[k] - after_local[k]).norm()) for k in start)
+    assert moved > 0
+    assert diff < 1e-3 * moved
+    engine.close()
