@@ -173,10 +173,11 @@ def test_real_policy_collect_train_evaluate(tiny_policy_dir):
 def test_same_cohort_group_from_the_wire_trains_like_the_local_group(tiny_policy_dir):
     """A peer's group that crossed the network (encode, decode, verify) moves the weights as the same
     group trained locally does: the external path loses nothing and adds nothing."""
+    from swarmnode.protocol import codec
+
     from swarmnode.engines import make_engine
     from swarmnode.gossip import encode_batches, to_rollout_group
     from swarmnode.policy import load_policy
-    from swarmnode.protocol import codec
     from swarmnode.verify import verify_external
 
     policy = load_policy(str(tiny_policy_dir))
