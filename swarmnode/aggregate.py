@@ -19,6 +19,7 @@ import torch
 __all__ = [
     "AggregateReport",
     "aggregate_components",
+    "replica_spread",
     "robust_aggregate",
     "robust_mean",
     "trimmed_mean",
@@ -183,3 +184,17 @@ def aggregate_components(
             count.scatter_add_(1, idx.cpu(), torch.ones_like(v))
         out[name] = torch.where(count > 0, total / count.clamp_min(1.0), total)
     return out
+
+
+def replica_spread(deltas: Sequence[Mapping[str, torch.Tensor]]) -> float:
+    """Mean L2 distance of each Δ from the mean Δ (0.0 for a single replica). With a shared anchor
+    θ_i = anchor − Δ_i, so this is exactly the spread of the replicas before a merge."""
+    if len(deltas) < 2:
+        return 0.0
+    sq = [0.0] * len(deltas)
+    for name in deltas[0]:
+        stack = torch.stack([torch.as_tensor(d[name], dtype=torch.float64) for d in deltas])
+        diff = stack - stack.mean(dim=0, keepdim=True)
+        for i in range(len(deltas)):
+            sq[i] += float(diff[i].pow(2).sum())
+    return sum(v**0.5 for v in sq) / len(sq)

@@ -45,20 +45,29 @@ def main(args: argparse.Namespace) -> int:
         return 2
     Path(cfg.network.data_dir).mkdir(parents=True, exist_ok=True)
     try:
-        asyncio.run(serve(cfg, expect_peers=args.expect_peers, join_wait_s=args.join_wait))
+        asyncio.run(serve(cfg))
     except KeyboardInterrupt:  # second Ctrl-C while stopping
         return 130
+    except Exception as exc:  # e.g. the p2p transport died: the node cannot take part any more
+        log.error("node stopped: %s", _describe(exc))
+        print(f"swarmnode run: node stopped: {_describe(exc)} (final checkpoint written)", file=sys.stderr)
+        return 1
     return 0
 
 
-async def serve(cfg: NodeConfig, *, expect_peers: int = 1, join_wait_s: float = 3.0) -> None:
-    from swarmnode.gossip import DiLoCoMerger, ProtocolWire
-    from swarmnode.node import Node, NodeSettings
-    from swarmnode.node_learner import build_learner
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, BaseExceptionGroup):
+        return "; ".join(_describe(e) for e in exc.exceptions)
+    return f"{type(exc).__name__}: {exc}"
+
+
+async def serve(cfg: NodeConfig) -> None:
+    """Open the host, build the node (``swarmnode.build``), run it; always a final checkpoint."""
+    from swarmnode.build import build_learner, build_node
     from swarmnode.p2p import HostConfig, open_host
     from swarmnode.telemetry import open_telemetry
 
-    net, train, diloco = cfg.network, cfg.train, cfg.diloco
+    net = cfg.network
     data_dir = Path(net.data_dir)  # created by main()
     learner = await asyncio.to_thread(build_learner, cfg, data_dir)
     host_cfg = HostConfig(
@@ -68,62 +77,27 @@ async def serve(cfg: NodeConfig, *, expect_peers: int = 1, join_wait_s: float = 
         bootstrap=list(net.bootstrap),
         target_peers=net.target_peers,
     )
-    async with open_host(host_cfg) as host, open_telemetry(cfg) as telemetry:
-        for addr in host.listen_addrs:
-            print(f"{MULTIADDR_PREFIX}{addr}", flush=True)
-        settings = NodeSettings(
-            swarm=cfg.swarm.id,
-            steps=train.steps or 0,
-            duration_s=train.duration_s or 0.0,
-            eval_every=train.eval_every,
-            share_rollouts=train.share_rollouts,
-            merge_every=diloco.inner_steps if diloco.enabled and not diloco.round_seconds else 0,
-            round_seconds=(diloco.round_seconds or 0.0) if diloco.enabled else 0.0,
-            collect_seconds=diloco.collect_seconds,
-            metrics_path=Path(cfg.telemetry.metrics or data_dir / "metrics.jsonl"),
-            expect_peers=expect_peers,
-            join_wait_s=join_wait_s,
-        )
-        wire = ProtocolWire(
-            swarm=cfg.swarm.id,
-            addrs=lambda: list(host.listen_addrs),
-            engine=cfg.model.engine,
-            hardware=cfg.model.device,
-            verifier=learner.verify,
-            samples=lambda: learner.samples_seen,
-            demo_spec=learner.demo_spec,
-            value_codec=cfg.demo.value_codec,
-        )
-        merger = DiLoCoMerger(learner.diloco, on_weights=learner.push_weights) if diloco.enabled else None
-        node = Node(
-            settings=settings,
-            host=host,
-            learner=learner,
-            wire=wire,
-            merger=merger,
-            demo=learner.demo_exchange,
-        )
-        resumed = learner.resume()
-        if resumed is not None:
-            node.stats.step, node.stats.round = resumed
-            log.info("resumed from checkpoint at step %d round %d", *resumed)
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, node.stop)
-        every = cfg.checkpoint.every
-
-        step_topic = f"node/{host.peer_id}/step"
-
-        def on_step(row: dict[str, object]) -> None:
-            telemetry.publish_nowait(step_topic, dict(row))
-            if every and node.stats.step % every == 0:
-                learner.checkpoint(node.stats.step, node.stats.round)
-
-        node.on_step = on_step
-        try:
-            await node.run()
-        finally:
-            # Graceful stop: the step in flight finished; keep what it learned.
-            await asyncio.to_thread(learner.checkpoint, node.stats.step, node.stats.round)
-            learner.close()
-            log.info("stopped at step %d", node.stats.step)
+    try:
+        async with open_host(host_cfg) as host, open_telemetry(cfg) as telemetry:
+            for addr in host.listen_addrs:
+                print(f"{MULTIADDR_PREFIX}{addr}", flush=True)
+            step_topic = f"node/{host.peer_id}/step"
+            node = build_node(
+                cfg,
+                host,
+                learner,
+                data_dir=data_dir,
+                on_step=lambda row: telemetry.publish_nowait(step_topic, dict(row)),
+            )
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, node.stop)
+            try:
+                await node.run()
+            finally:
+                # Graceful stop or a crash: keep what the steps so far learned.
+                diloco = node.exchange("diloco")
+                await asyncio.to_thread(learner.checkpoint, node.step, diloco.round if diloco else 0)
+                log.info("stopped at step %d", node.step)
+    finally:
+        learner.close()

@@ -6,8 +6,7 @@ A round r spans ``[round_start(r), round_start(r+1))``; its collection window cl
 ``deadline(r) = round_start(r) + collect_seconds`` — contributions that arrive later are left out so
 a node never waits on a slow or dead peer. Clocks are injectable so tests use a fake one.
 
-``StepRounds`` is the step-based variant (round = step // H) for swarms that merge every H inner
-steps; there only the collection deadline is a wall-clock quantity.
+Step-based rounds (round = step // H) need no clock and live in ``swarmnode.exchange.diloco``.
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-__all__ = ["RoundClock", "StepRounds", "genesis_from_swarm_id"]
+__all__ = ["RoundClock", "genesis_from_swarm_id"]
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
@@ -113,29 +112,3 @@ class RoundClock:
             if remaining <= 0:
                 return
             await sleep(remaining)
-
-
-@dataclass(kw_only=True, slots=True)
-class StepRounds:
-    """Round = step // H: a merge after every H inner steps, collection bounded by ``collect_seconds``
-    measured from when this node published its own contribution."""
-
-    inner_steps: int
-    collect_seconds: float
-
-    def __post_init__(self) -> None:
-        if self.inner_steps < 1:
-            raise ValueError(f"inner_steps must be >= 1, got {self.inner_steps}")
-        if not (math.isfinite(self.collect_seconds) and self.collect_seconds > 0):
-            raise ValueError(f"collect_seconds must be > 0, got {self.collect_seconds}")
-
-    def round_of(self, step: int) -> int:
-        """Round that step ``step`` (1-based count of finished inner steps) belongs to."""
-        return (step - 1) // self.inner_steps if step > 0 else 0
-
-    def is_merge_step(self, step: int) -> bool:
-        """True after the last inner step of a round."""
-        return step > 0 and step % self.inner_steps == 0
-
-    def deadline(self, published_at: float) -> float:
-        return published_at + self.collect_seconds

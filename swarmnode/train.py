@@ -46,110 +46,69 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 class TrainRun:
-    """Builds policy, engine, optimizer and trainer; runs steps; saves and resumes checkpoints."""
+    """One learner (``swarmnode.build.build_learner``, the same as a swarm node's) stepping alone;
+    checkpoints and resume are the learner's."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        import torch
-
-        from swarmnode.checkpoint import CheckpointManager
-        from swarmnode.engines import make_engine
+        from swarmnode.build import build_learner
+        from swarmnode.config import load_config
         from swarmnode.metrics import MetricsWriter
-        from swarmnode.optim import build_optimizer
-        from swarmnode.policy import load_policy
-        from swarmnode.tasks import heldout_problems
-        from swarmnode.trainer import GRPOConfig, Trainer
 
         self.args = args
         data_dir: Path = args.data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
-        model_path = args.model
-        if model_path is None:
-            from swarmnode.tinymodel import build_tiny_policy
-
-            model_path = str(build_tiny_policy(data_dir / "model", family=args.task))
-        torch.manual_seed(args.seed)
-        self.policy = load_policy(model_path, device="cpu")
-        self.engine = make_engine("hf", self.policy)
         lr = args.lr if args.lr is not None else DEFAULT_LR[args.optimizer]
-        self.config = GRPOConfig(
-            task=args.task,
-            seed=args.seed,
-            group_size=args.group_size,
-            local_groups=args.local_groups,
-            external_groups=0,
-            lr=lr,
-            max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature,
+        self.config = load_config(
+            None,
+            {
+                "model.model": args.model or "tiny",
+                "task.family": args.task,
+                "task.seed": args.seed,
+                "train.optimizer": args.optimizer,
+                "train.lr": lr,
+                "train.group_size": args.group_size,
+                "train.local_groups": args.local_groups,
+                "train.external_groups": 0,
+                "train.max_new_tokens": args.max_new_tokens,
+                "train.temperature": args.temperature,
+                "train.eval_prompts": max(1, args.eval_n),
+                "train.share_rollouts": False,
+            },
         )
-        self.optimizer = build_optimizer(args.optimizer, self.policy.model.named_parameters(), self.config)
         self.metrics = MetricsWriter(data_dir / "metrics.jsonl")
-        self.trainer = Trainer(self.policy, self.engine, self.optimizer, self.config, self.metrics)
-        self.checkpoints = CheckpointManager(data_dir / "checkpoints", keep=3)
-        self.heldout = heldout_problems(args.task, args.eval_n) if args.eval_n > 0 else []
+        self.learner = build_learner(self.config, data_dir, tiny_dir=data_dir / "model", metrics=self.metrics)
+        if args.eval_n <= 0:
+            self.learner.heldout = []
         self.step = 0
-        self.last_eval = float("nan")
 
-    # --- checkpoints ----------------------------------------------------------------------------
+    @property
+    def last_eval(self) -> float:
+        return self.learner.last_eval
 
     def save(self) -> None:
-        import torch
-
-        from swarmnode.checkpoint import optimizer_to_tensors
-
-        opt_tensors, opt_meta = optimizer_to_tensors(self.optimizer)
-        tensors = {f"model.{k}": v for k, v in self.policy.model.state_dict().items()}
-        tensors.update(opt_tensors)
-        tensors["rng.torch"] = torch.get_rng_state()
-        state = {
-            "seed": self.args.seed,
-            "task": self.args.task,
-            "optimizer_name": self.args.optimizer,
-            "optimizer": opt_meta,
-            "samples_seen": self.trainer.samples_seen,
-            "last_eval": None if math.isnan(self.last_eval) else self.last_eval,
-        }
-        self.checkpoints.save(self.step, tensors, state)
+        self.learner.checkpoint(self.step, 0)
 
     def resume(self) -> bool:
-        import torch
-
-        from swarmnode.checkpoint import optimizer_from_tensors
-
-        loaded = self.checkpoints.load_latest()
-        if loaded is None:
+        resumed = self.learner.resume()
+        if resumed is None:
             return False
-        step, tensors, state = loaded
-        if state.get("optimizer_name") != self.args.optimizer or state.get("task") != self.args.task:
-            raise ValueError(
-                f"--data-dir {self.args.data_dir}: checkpoint was trained with optimizer "
-                f"{state.get('optimizer_name')!r} on task {state.get('task')!r}; use a fresh data dir"
-            )
-        model_sd = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
-        self.policy.model.load_state_dict(model_sd)
-        optimizer_from_tensors(self.optimizer, tensors, state["optimizer"])
-        torch.set_rng_state(tensors["rng.torch"])
-        self.trainer.samples_seen = int(state.get("samples_seen", 0))
-        self.last_eval = float("nan") if state.get("last_eval") is None else float(state["last_eval"])
-        self.step = step
-        self.engine.update_weights(self.policy.model.named_parameters())
+        self.step = resumed[0]
         return True
 
-    # --- loop -----------------------------------------------------------------------------------
-
     def evaluate(self) -> float:
-        self.last_eval = self.trainer.evaluate(self.heldout) if self.heldout else float("nan")
-        self.metrics.write({"step": self.step, "eval_acc": self.last_eval})
-        return self.last_eval
+        acc = self.learner.evaluate()
+        self.metrics.write({"step": self.step, "eval_acc": acc})
+        return acc
 
     def run_step(self) -> dict[str, float]:
-        local = self.trainer.collect_local(self.step)
-        m = self.trainer.train_step(local, [], step=self.step)
+        local = self.learner.collect_local(self.step)
+        m = self.learner.train_step(local, [], step=self.step)
         self.step += 1
         return m
 
     def close(self) -> None:
         self.metrics.close()
-        self.engine.close()
+        self.learner.close()
 
 
 def main(args: argparse.Namespace) -> int:

@@ -12,8 +12,9 @@ from typing import Any
 import pytest
 import torch
 
-from swarmnode.gossip import DiLoCoMerger, ProtocolWire
-from swarmnode.node import Node, NodeSettings
+from swarmnode.build import build_node
+from swarmnode.config import load_config
+from swarmnode.node import Node
 from swarmnode.optim.diloco import DiLoCo
 from swarmnode.p2p import HostConfig, open_host
 
@@ -53,6 +54,20 @@ class PerturbLearner:
         self.step_s = step_s
         self.external: list[Any] = []
         self.used_external = 0
+        self.diloco = DiLoCo(self.model.named_parameters())
+        self.samples_seen = 0
+
+    def verify(self, batch: Any) -> tuple[list[Any], int]:
+        return list(batch.groups), 0
+
+    def push_weights(self) -> None:
+        pass
+
+    def resume(self) -> None:
+        return None
+
+    def checkpoint(self, step: int, round_: int) -> None:
+        pass
 
     def collect_local(self, step: int) -> list[Any]:
         return [G(problem=P(seed=self.seed, index=step), samples=[S(), S()], rewards=[1.0, 0.0])]
@@ -75,17 +90,20 @@ class PerturbLearner:
         return out
 
 
-def _node(host: Any, learner: PerturbLearner, **kw: Any) -> Node:
-    settings = NodeSettings(swarm="t", presence_interval_s=0.3, join_wait_s=kw.pop("join_wait_s", 8.0), **kw)
-    wire = ProtocolWire(
-        swarm="t",
-        addrs=lambda: list(host.listen_addrs),
-        engine="hf",
-        hardware="cpu",
-        verifier=lambda batch: (list(batch.groups), 0),
+def _node(host: Any, learner: PerturbLearner, tmp: Path, **settings: Any) -> Node:
+    cfg = load_config(
+        None,
+        {
+            "swarm.id": "t",
+            "network.presence_interval_s": 0.3,
+            "network.join_wait_s": 8.0,
+            "diloco.enabled": True,
+            "train.eval_every": 100,
+            "checkpoint.every": 0,
+            **settings,
+        },
     )
-    merger = DiLoCoMerger(DiLoCo(learner.model.named_parameters()))
-    return Node(settings=settings, host=host, learner=learner, wire=wire, merger=merger)
+    return build_node(cfg, host, learner, data_dir=tmp)  # type: ignore[arg-type]
 
 
 def test_three_nodes_share_rollouts_and_merge_over_libp2p(tmp_path: Path) -> None:
@@ -96,8 +114,14 @@ def test_three_nodes_share_rollouts_and_merge_over_libp2p(tmp_path: Path) -> Non
                 open_host(HostConfig(data_dir=tmp_path / "1", bootstrap=boot)) as h1,
                 open_host(HostConfig(data_dir=tmp_path / "2", bootstrap=boot)) as h2,
             ):
+                settings = {
+                    "train.steps": 8,
+                    "diloco.inner_steps": 4,
+                    "diloco.collect_seconds": 6.0,
+                    "network.expect_peers": 2,
+                }
                 nodes = [
-                    _node(h, PerturbLearner(i), steps=8, merge_every=4, collect_seconds=6.0, expect_peers=2)
+                    _node(h, PerturbLearner(i), tmp_path / f"n{i}", **settings)
                     for i, h in enumerate([h0, h1, h2])
                 ]
                 async with asyncio.TaskGroup() as tg:
@@ -107,10 +131,11 @@ def test_three_nodes_share_rollouts_and_merge_over_libp2p(tmp_path: Path) -> Non
 
     nodes = asyncio.run(asyncio.wait_for(main(), 90))
     for n in nodes:
-        assert n.stats.external_groups > 0, "rollouts were shared"
-        assert n.stats.merges == 2
-        assert n.stats.merge_contributors == 3
-    assert len({n.merger.anchor_hash() for n in nodes}) == 1  # type: ignore[union-attr]
+        row = n.statistics()
+        assert row["external_groups"] > 0, "rollouts were shared"
+        assert row["merges"] == 2
+        assert row["merge_contributors"] == 3
+    assert len({n.statistics()["anchor_hash"] for n in nodes}) == 1
     w = [n.learner.model.weight for n in nodes]  # type: ignore[attr-defined]
     assert torch.equal(w[0], w[1])
     assert torch.equal(w[0], w[2])

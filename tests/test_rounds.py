@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from swarmnode.rounds import RoundClock, StepRounds, genesis_from_swarm_id
+from swarmnode.rounds import RoundClock, genesis_from_swarm_id
 
 
 class FakeClock:
@@ -70,16 +70,6 @@ def test_validation() -> None:
         RoundClock(genesis=0.0, round_seconds=0.0, collect_seconds=1.0)
     with pytest.raises(ValueError, match="collect_seconds"):
         RoundClock(genesis=0.0, round_seconds=10.0, collect_seconds=11.0)
-    with pytest.raises(ValueError, match="inner_steps"):
-        StepRounds(inner_steps=0, collect_seconds=1.0)
-
-
-def test_step_rounds() -> None:
-    sr = StepRounds(inner_steps=4, collect_seconds=5.0)
-    assert [sr.is_merge_step(s) for s in range(1, 9)] == [False, False, False, True] * 2
-    assert sr.round_of(4) == 0
-    assert sr.round_of(5) == 1
-    assert sr.deadline(10.0) == 15.0
 
 
 def test_for_swarm_uses_given_or_derived_genesis() -> None:

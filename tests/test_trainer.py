@@ -176,7 +176,7 @@ def test_same_cohort_group_from_the_wire_trains_like_the_local_group(tiny_policy
     from swarmnode.protocol import codec
 
     from swarmnode.engines import make_engine
-    from swarmnode.gossip import encode_batches, to_rollout_group
+    from swarmnode.exchange.rollouts import encode_batches, to_rollout_group
     from swarmnode.policy import load_policy
     from swarmnode.verify import verify_external
 

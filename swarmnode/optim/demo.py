@@ -100,28 +100,25 @@ class DeMo(torch.optim.Optimizer):
 
     @torch.no_grad()
     def apply_components(self, peers: list[Components]) -> None:
-        """Aggregate own (from compute_components) + peers' components and take the sign step."""
-        from swarmnode.compression.dct import scatter_chunks
+        """Aggregate own (from compute_components) + peers' components and take the sign step.
+
+        Each coefficient is averaged over the contributors that selected it
+        (``swarmnode.aggregate.aggregate_components``, which also skips malformed peer entries)."""
+        from swarmnode.aggregate import aggregate_components
 
         if self._own is None:
             raise RuntimeError("apply_components: call compute_components() first in this step")
         group = self.param_groups[0]
         lr, wd = group["lr"], group["weight_decay"]
-        contributions = [self._own, *peers]
+        dense = aggregate_components(
+            self._own,
+            peers,
+            n_chunks={n: t.n_chunks for n, t in self.transforms.items()},
+            chunk_numel={n: t.chunk_numel for n, t in self.transforms.items()},
+        )
         for name in self.names:
             p = self._by_name[name]
-            t = self.transforms[name]
-            total = torch.zeros((t.n_chunks, t.chunk_numel), dtype=torch.float32)
-            count = torch.zeros_like(total)
-            for comp in contributions:
-                if name not in comp:  # a peer may leave a tensor out; it simply does not vote on it
-                    continue
-                idx, vals = comp[name]
-                total += scatter_chunks(idx, vals.float(), t.n_chunks, t.chunk_numel)
-                count += scatter_chunks(
-                    idx, torch.ones_like(vals, dtype=torch.float32), t.n_chunks, t.chunk_numel
-                )
-            q = t.inverse(total / count.clamp_min(1.0)).reshape(p.shape)
+            q = self.transforms[name].inverse(dense[name]).reshape(p.shape)
             if wd:
                 p.mul_(1 - lr * wd)
             p.add_(torch.sign(q).to(p.dtype), alpha=-lr)

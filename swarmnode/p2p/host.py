@@ -139,7 +139,7 @@ class Host:
             validators.append(validator)
         if first:
             future = self._b().start_soon(self._trio_subscribe, topic, validators)
-            future.add_done_callback(lambda f: _log_reader_end(topic, f))
+            future.add_done_callback(lambda f: self._reader_ended(topic, f))
         return sub
 
     async def _trio_subscribe(self, topic: str, validators: list[Validator]) -> None:
@@ -179,6 +179,20 @@ class Host:
                         message.topic,
                         stats.dropped,
                     )
+
+    def _reader_ended(self, topic: str, future: concurrent.futures.Future[Any]) -> None:
+        # Runs in the trio thread: a reader that died (not a normal close) ends its subscriptions on
+        # the asyncio side, so their consumers see the transport is gone instead of waiting forever.
+        _log_reader_end(topic, future)
+        if future.cancelled() or future.exception() is None or isinstance(future.exception(), BridgeClosed):
+            return
+        bridge = self._bridge
+        if bridge is not None:
+            bridge.call_soon_in_asyncio(self._end_topic, topic)
+
+    def _end_topic(self, topic: str) -> None:
+        for sub in list(self._subs.get(topic, ())):
+            sub.end()
 
     def _drop_subscription(self, sub: Subscription) -> None:
         subs = self._subs.get(sub.topic, [])
@@ -407,7 +421,7 @@ class Host:
 
 
 def _log_reader_end(topic: str, future: concurrent.futures.Future[Any]) -> None:
-    exc = future.exception()
+    exc = None if future.cancelled() else future.exception()
     if exc is not None and not isinstance(exc, BridgeClosed):
         log.error("subscription to %s stopped: %r; no more messages will arrive on it", topic, exc)
 

@@ -1,4 +1,4 @@
-"""Catch-up for joiners over ``/swarmnode/state/1.0.0``.
+"""DiLoCo catch-up for joiners over ``/swarmnode/state/1.0.0``, and the choice of whom to copy.
 
 A late joiner asks a peer that advertises a newer round for the cohort's state. The request carries
 the joiner's cohort fingerprint; the answer is a small state manifest (round, step, content hash,
@@ -15,9 +15,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-log = logging.getLogger(__name__)
+from swarmnode.protocol import StateManifest, codec
+from swarmnode.protocol.topics import STATE_PROTOCOL
 
-STATE_PROTOCOL = "/swarmnode/state/1.0.0"
+__all__ = ["STATE_PROTOCOL", "CatchupError", "Snapshot", "StateServer", "choose_source", "fetch_state"]
+
+log = logging.getLogger(__name__)
 
 
 class CatchupError(RuntimeError):
@@ -36,9 +39,8 @@ class StateServer:
     """Serves the newest snapshot; the node refreshes it after every merge (blob kept until replaced,
     so a joiner fetching while we merge still gets a consistent state)."""
 
-    def __init__(self, host: Any, wire: Any, cohort: str) -> None:
+    def __init__(self, host: Any, cohort: str) -> None:
         self.host = host
-        self.wire = wire
         self.cohort = cohort
         self._snapshot: Snapshot | None = None
         self._hash = ""
@@ -58,7 +60,7 @@ class StateServer:
             # An empty answer is "nothing for you": the joiner tries another peer.
             return b""
         self.served += 1
-        manifest = self.wire.state_manifest(
+        manifest = StateManifest(
             cohort=self.cohort,
             round=snap.round,
             step=snap.step,
@@ -66,18 +68,16 @@ class StateServer:
             size=len(snap.blob),
             anchor_hash=snap.anchor_hash,
         )
-        return self.wire.encode(manifest)
+        return codec.encode(manifest)
 
 
-async def fetch_state(
-    host: Any, wire: Any, peer_id: Any, cohort: str, *, max_bytes: int
-) -> tuple[Any, bytes]:
+async def fetch_state(host: Any, peer_id: Any, cohort: str, *, max_bytes: int) -> tuple[Any, bytes]:
     """(state manifest, verified blob) from ``peer_id``; raises ``CatchupError``."""
     answer = await host.request(peer_id, STATE_PROTOCOL, cohort.encode("ascii"))
     if not answer:
         raise CatchupError(f"peer {peer_id} has no state for cohort {cohort[:12]}")
-    manifest = wire.decode(answer)
-    if wire.kind(manifest) != "state" or manifest.cohort != cohort:
+    manifest = codec.decode(answer)
+    if not isinstance(manifest, StateManifest) or manifest.cohort != cohort:
         raise CatchupError(f"peer {peer_id} answered with a state for another cohort")
     if manifest.size > max_bytes:
         raise CatchupError(f"peer {peer_id} offers a {manifest.size}-byte state, over {max_bytes}")

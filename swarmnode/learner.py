@@ -1,15 +1,15 @@
-"""The node's learner: policy + rollout engine + GRPO trainer + replay buffer + checkpoints, behind the
-small interface ``Node`` drives (collect, train, evaluate, take/give external groups).
-
-Kept apart from ``node`` so the node loop stays testable with fakes and free of torch specifics.
+"""The node's learner: policy + rollout engine + GRPO trainer + replay buffer + verification +
+checkpoints, behind the small interface the node drives (collect, train, evaluate) and the rollout
+exchange feeds (verify, add_external, sample_external). ``swarmnode.build`` assembles it; torch
+specifics stay here, so the node loop is testable with fakes.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import math
 import random
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,7 +17,7 @@ import torch
 log = logging.getLogger(__name__)
 
 
-class TrainerLearner:
+class Learner:
     def __init__(
         self,
         *,
@@ -31,7 +31,10 @@ class TrainerLearner:
         diloco: Any,
         checkpoints: Any,
         seed: int = 0,
+        meta: dict[str, Any] | None = None,
     ) -> None:
+        # What a checkpoint must match to be resumed (task family, optimizer): a mismatch is an error.
+        self.meta = dict(meta or {})
         self.policy = policy
         self.engine = engine
         self.trainer = trainer
@@ -43,14 +46,22 @@ class TrainerLearner:
         self.checkpoints = checkpoints
         self.fingerprint: str = policy.fingerprint
         self.samples_seen = 0
+        self.last_eval = float("nan")
         self.rng = random.Random(seed)
         self.rejects: dict[str, int] = {}
         # Verification runs on the event loop while generation runs in a worker thread; a HF fast
         # tokenizer is not thread-safe (a call without padding switches padding off under a batched
         # call in flight: "Unable to create tensor"), so verification gets its own copy.
         self._verify_tokenizer = copy.deepcopy(policy.tokenizer)
-        self.demo_exchange: Any = None  # gossip.DemoExchange when DeMo components are gossiped
-        self.demo_spec: Any = None
+
+    def demo_spec(self, name: str) -> tuple[tuple[int, ...], int, int]:
+        """(shape, n_chunks, chunk_numel) of the DeMo optimizer's transform for tensor ``name``."""
+        demo = self._inner_optimizer()
+        return (
+            tuple(demo._by_name[name].shape),
+            demo.transforms[name].n_chunks,
+            demo.transforms[name].chunk_numel,
+        )
 
     # -- what Node calls ---------------------------------------------------------------------------
 
@@ -58,13 +69,14 @@ class TrainerLearner:
         groups: list[Any] = self.trainer.collect_local(step)
         return groups
 
-    def train_step(self, local: list[Any], external: list[Any]) -> dict[str, float]:
-        metrics: dict[str, float] = self.trainer.train_step(local, external)
+    def train_step(self, local: list[Any], external: list[Any], step: int | None = None) -> dict[str, float]:
+        metrics: dict[str, float] = self.trainer.train_step(local, external, step=step)
         self.samples_seen += sum(len(getattr(g, "rewards", ())) for g in [*local, *external])
         return metrics
 
     def evaluate(self) -> float:
-        return float(self.trainer.evaluate(self.heldout))
+        self.last_eval = float(self.trainer.evaluate(self.heldout)) if self.heldout else float("nan")
+        return self.last_eval
 
     def add_external(self, groups: list[Any], step: int) -> None:
         self.replay.add(groups, step=step)
@@ -92,7 +104,14 @@ class TrainerLearner:
 
     def checkpoint(self, step: int, round_: int) -> None:
         tensors = {f"model.{n}": p.detach().cpu() for n, p in self.policy.model.state_dict().items()}
-        state: dict[str, Any] = {"step": step, "round": round_, "samples_seen": self.samples_seen}
+        state: dict[str, Any] = {
+            "step": step,
+            "round": round_,
+            "samples_seen": self.samples_seen,
+            "last_eval": None if math.isnan(self.last_eval) else self.last_eval,
+            **self.meta,
+        }
+        tensors["rng.torch"] = torch.get_rng_state()
         if self.diloco is not None:
             ds = self.diloco.state_dict()
             tensors.update({f"diloco.{k}": v for k, v in ds.items() if isinstance(v, torch.Tensor)})
@@ -105,13 +124,19 @@ class TrainerLearner:
 
     def _inner_optimizer(self) -> Any:
         opt = self.trainer.optimizer
-        return getattr(opt, "demo", opt)  # DemoExchange wraps the DeMo optimizer
+        return getattr(opt, "demo", opt)  # exchange.demo.GossipingDeMo wraps the DeMo optimizer
 
     def resume(self) -> tuple[int, int] | None:
         loaded = self.checkpoints.load_latest()
         if loaded is None:
             return None
         step, tensors, state = loaded
+        for key, want in self.meta.items():
+            if key in state and state[key] != want:
+                raise ValueError(
+                    f"checkpoint in {self.checkpoints.directory} was made with {key}={state[key]!r}, "
+                    f"this run has {key}={want!r}; use a fresh data dir"
+                )
         model_sd = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
         self.policy.model.load_state_dict(model_sd)
         if self.diloco is not None and any(k.startswith("diloco.") for k in tensors):
@@ -125,76 +150,12 @@ class TrainerLearner:
 
             optimizer_from_tensors(self._inner_optimizer(), tensors, state["optimizer"])
         self.samples_seen = int(state.get("samples_seen", 0))
+        if "rng.torch" in tensors:
+            torch.set_rng_state(tensors["rng.torch"])
+        if state.get("last_eval") is not None:
+            self.last_eval = float(state["last_eval"])
         self.push_weights()
         return int(step), int(state.get("round", 0))
 
     def close(self) -> None:
         self.engine.close()
-
-
-def build_learner(cfg: Any, data_dir: Path) -> TrainerLearner:
-    """Everything heavy, built once in a worker thread before the host starts."""
-    from swarmnode.checkpoint import CheckpointManager
-    from swarmnode.engines import SamplingParams, make_engine  # noqa: F401 - engine options below
-    from swarmnode.optim import OptimConfig, build_optimizer
-    from swarmnode.optim.diloco import DiLoCo
-    from swarmnode.policy import load_policy
-    from swarmnode.replay import ReplayBuffer, ReplayConfig
-    from swarmnode.tasks import heldout_problems
-    from swarmnode.trainer import GRPOConfig, Trainer
-    from swarmnode.verify import verify_external
-
-    model_path = cfg.model.model
-    if model_path == "tiny":
-        from swarmnode.tinymodel import build_tiny_policy
-
-        model_path = str(build_tiny_policy(data_dir.parent / "tiny-model", family=cfg.task.family))
-    torch.manual_seed(cfg.task.seed)
-    policy = load_policy(model_path, device=cfg.model.device)
-    engine = make_engine(cfg.model.engine, policy)
-    t = cfg.train
-    grpo = GRPOConfig(
-        task=cfg.task.family,
-        seed=cfg.task.seed,
-        group_size=t.group_size,
-        local_groups=t.local_groups,
-        external_groups=t.external_groups,
-        lr=t.lr,
-        max_new_tokens=t.max_new_tokens,
-        temperature=t.temperature,
-        staleness_steps=t.staleness_steps,
-    )
-    d = cfg.demo
-    optim_cfg = OptimConfig(lr=t.lr, demo_k=d.topk, demo_chunk=d.chunk, demo_use_dct=d.use_dct)
-    optimizer: Any = build_optimizer(t.optimizer, policy.model.named_parameters(), optim_cfg)
-    demo = None
-    if t.optimizer == "demo" and d.gossip:
-        from swarmnode.gossip import DemoExchange
-
-        # The node sets the publish callback; the trainer steps the exchange like any optimizer.
-        demo = optimizer
-        optimizer = DemoExchange(optimizer, publish=lambda step, comps: None)
-    trainer = Trainer(policy, engine, optimizer, grpo, None)
-    diloco = None
-    if cfg.diloco.enabled:
-        diloco = DiLoCo(policy.model.named_parameters(), lr=cfg.diloco.outer_lr, momentum=cfg.diloco.momentum)
-    learner = TrainerLearner(
-        policy=policy,
-        engine=engine,
-        trainer=trainer,
-        replay=ReplayBuffer(ReplayConfig(staleness_steps=t.staleness_steps, prefer=t.external_prefer)),
-        seed=cfg.task.seed,
-        verify=verify_external,
-        heldout=heldout_problems(cfg.task.family, cfg.train.eval_prompts),
-        external_groups=t.external_groups,
-        diloco=diloco,
-        checkpoints=CheckpointManager(data_dir / "checkpoints", keep=cfg.checkpoint.keep),
-    )
-    if demo is not None:
-        learner.demo_exchange = optimizer
-        learner.demo_spec = lambda name: (
-            tuple(demo._by_name[name].shape),
-            demo.transforms[name].n_chunks,
-            demo.transforms[name].chunk_numel,
-        )
-    return learner

@@ -1,22 +1,18 @@
-"""Wire glue of the node: pseudo-gradient blobs, catch-up state, rollout batches on real protocol records."""
+"""The exchanges' wire: pseudo-gradient blobs, catch-up state, rollout batches, DeMo components."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import msgpack
 import pytest
-import safetensors.torch
 import torch
+from swarmnode.compression.pseudograd import decode_delta, encode_delta
+from swarmnode.compression.state import decode_state, encode_state
 from swarmnode.protocol import ProtocolError, RolloutBatch, codec, limits
 
-from swarmnode.gossip import (
-    DiLoCoMerger,
-    ProtocolWire,
-    decode_delta,
-    encode_batches,
-    encode_delta,
-    to_rollout_group,
-)
+from swarmnode.exchange.demo import decode_demo, encode_demo
+from swarmnode.exchange.rollouts import encode_batches, to_rollout_group
 from swarmnode.optim.diloco import DiLoCo
 
 PEER = "12D3KooWQmFakePeer"
@@ -39,8 +35,10 @@ def test_delta_round_trip_is_close_and_int8_sized() -> None:
 
 def _corruptions() -> list[bytes]:
     blob = encode_delta({"w": torch.ones(300)})
-    wrong_dtype = bytes(safetensors.torch.save({"w::q": torch.ones(2, 256), "w::scale": torch.ones(2)}))
-    return [b"", blob[:7], blob[:100], blob[:-5], b"\xff" * 64, wrong_dtype]
+    wrong_shape = msgpack.packb(
+        {"v": 1, "codec": "int8", "t": [["w", [301], msgpack.unpackb(blob)["t"][0][2]]]}
+    )
+    return [b"", blob[:7], blob[:100], blob[:-5], b"\xff" * 64, wrong_shape]
 
 
 @pytest.mark.parametrize("bad", _corruptions())
@@ -60,14 +58,26 @@ def test_state_blob_restores_diloco_exactly() -> None:
     with torch.no_grad():
         src_model.weight.add_(0.1)
     src.outer_step(src.pseudo_gradient())
-    pushed = []
+    state = src.state_dict()
+    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    scalars = {k: v for k, v in state.items() if not isinstance(v, torch.Tensor)}
+    blob = encode_state(tensors, scalars)
     dst_model = torch.nn.Linear(4, 3)
-    dst = DiLoCoMerger(DiLoCo(dst_model.named_parameters()), on_weights=lambda: pushed.append(1))
-    dst.load_state_blob(DiLoCoMerger(src).state_blob())
+    dst = DiLoCo(dst_model.named_parameters())
+    dst.load_state_dict(decode_state(blob, max_bytes=len(blob)), reset_local=True)
     assert dst.anchor_hash() == src.anchor_hash()
     assert torch.equal(dst_model.weight, src_model.weight)
-    assert dst.diloco.outer_steps == 1
-    assert pushed == [1]
+    assert dst.outer_steps == 1
+    with pytest.raises(ProtocolError, match="over the limit"):
+        decode_state(blob, max_bytes=len(blob) - 1)
+    for bad in (
+        b"",
+        blob[:20],
+        b"\x81\xa1v\x02",
+        msgpack.packb({"v": 1, "tensors": b"", "scalars": {"x": [1]}}),
+    ):
+        with pytest.raises(ProtocolError):
+            decode_state(bad, max_bytes=1 << 20)
 
 
 @dataclass
@@ -110,21 +120,6 @@ def test_rollout_batches_fit_under_the_gossip_limit() -> None:
     assert len(small) == 1
 
 
-def test_protocol_wire_presence_and_kinds() -> None:
-    wire = ProtocolWire(
-        swarm="local",
-        addrs=lambda: ["/ip4/127.0.0.1/tcp/1"],
-        engine="hf",
-        hardware="cpu",
-        verifier=lambda batch: (list(batch.groups), 0),
-    )
-    rec = wire.decode(wire.encode(wire.presence(peer_id=PEER, cohort=FP, step=2, round=1, anchor_hash="")))
-    assert wire.kind(rec) == "presence"
-    assert (rec.step, rec.round, rec.swarm) == (2, 1, "local")
-    with pytest.raises(ProtocolError):
-        wire.decode(b"\x00garbage")
-
-
 def test_demo_components_round_trip_through_the_wire() -> None:
     from swarmnode.optim.demo import DeMo
 
@@ -138,12 +133,10 @@ def test_demo_components_round_trip_through_the_wire() -> None:
         t = demo.transforms[name]
         return tuple(demo._by_name[name].shape), t.n_chunks, t.chunk_numel
 
-    wire = ProtocolWire(
-        swarm="t", addrs=lambda: [], engine="hf", hardware="cpu", verifier=lambda b: ([], 0), demo_spec=spec
-    )
-    data = wire.encode_demo(author=PEER, cohort=FP, step=4, components=own)
-    step, back = wire.demo_of(wire.decode(data))
-    assert step == 4
+    data = encode_demo(PEER, FP, 4, own, spec, "int8")
+    record = codec.decode(data)
+    assert record.step == 4
+    back = decode_demo(record, spec)
     for name, (idx, vals) in own.items():
         assert torch.equal(back[name][0].long().sort(dim=-1).values, idx.long().sort(dim=-1).values)
         assert (
@@ -152,41 +145,5 @@ def test_demo_components_round_trip_through_the_wire() -> None:
     before = model.weight.detach().clone()
     demo.apply_components([back])
     assert not torch.equal(before, model.weight)
-    other = ProtocolWire(
-        swarm="t",
-        addrs=lambda: [],
-        engine="hf",
-        hardware="cpu",
-        verifier=lambda b: ([], 0),
-        demo_spec=lambda name: ((1, 1), 1, 1),
-    )
     with pytest.raises(ProtocolError, match="chunking"):
-        other.demo_of(wire.decode(data))
-
-
-def test_demo_exchange_uses_what_arrived_since_the_last_step_whatever_the_peers_step() -> None:
-    from swarmnode.gossip import DemoExchange
-
-    class Demo:
-        def __init__(self) -> None:
-            self.applied: list[list[str]] = []
-
-        def compute_components(self) -> str:
-            return "mine"
-
-        def apply_components(self, peers: list[str]) -> None:
-            self.applied.append(list(peers))
-
-    demo = Demo()
-    sent: list[tuple[int, str]] = []
-    ex = DemoExchange(demo, publish=lambda step, c: sent.append((step, c)))
-    ex.receive("a", 5000, "far-ahead")  # wall-clock rounds: step counters drift apart
-    ex.receive("b", 3, "old")
-    ex.receive("b", 4, "newer")  # newest per peer wins
-    ex.step()
-    ex.step()  # nothing new arrived: only our own components
-    assert sent == [(0, "mine"), (1, "mine")]
-    assert sorted(demo.applied[0]) == ["far-ahead", "newer"]
-    assert demo.applied[1] == []
-    assert ex.used == 2
-    assert ex.blocked_s < 0.05  # the default never waits for peers
+        decode_demo(record, lambda name: ((1, 1), 1, 1))

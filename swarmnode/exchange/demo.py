@@ -1,0 +1,202 @@
+"""DeMo fast components within a cohort: our top-k DCT momentum components out, peers' in.
+
+The trainer steps ``DemoExchange.optimizer`` like any optimizer, in its worker thread. Each step
+computes our components (momentum, DCT, top-k, error feedback), hands them to the event loop to
+publish (a newer step supersedes an unsent older one), and applies the aggregate of our own and each
+peer's newest components that arrived since our previous step (the inbox is emptied every step, so
+whatever is in it is fresh, whatever the peer's step counter says: with wall-clock rounds counters
+drift apart without bound). ``max_lag`` (off by default) also drops components whose step number is
+further than that from ours. ``window_s`` > 0 waits that long when nothing has arrived yet; the
+default never waits, because a fresh peer message is rarely worth the step it would cost. Any wait
+is counted in ``blocked_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from swarmnode.compression.components import decode_components, encode_components
+from swarmnode.exchange.base import BaseExchange, Host, Traffic, receive_loop
+from swarmnode.protocol import DemoComponents, ProtocolError, TensorComponents, codec, topics
+
+log = logging.getLogger(__name__)
+
+# name -> (shape, n_chunks, chunk_numel) of our DeMo transform; peers' components must match it.
+Spec = Callable[[str], tuple[tuple[int, ...], int, int]]
+
+
+@dataclass(kw_only=True, slots=True)
+class DemoGossipConfig:
+    swarm: str = "default"
+    value_codec: str = "int8"
+    window_s: float = 0.0
+    max_lag: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.window_s < 0:
+            raise ValueError(f"window_s must be >= 0, got {self.window_s}")
+
+
+def encode_demo(
+    author: str, cohort: str, step: int, components: dict[str, Any], spec: Spec, value_codec: str
+) -> bytes:
+    tensors = []
+    for name in sorted(components):
+        idx, vals = components[name]
+        shape, n_chunks, chunk_numel = spec(name)
+        payload = encode_components(idx, vals, chunk_numel=chunk_numel, value_codec=value_codec)
+        tensors.append(
+            TensorComponents(
+                name=name,
+                shape=tuple(shape),
+                n_chunks=n_chunks,
+                k=int(idx.shape[-1]),
+                chunk_numel=chunk_numel,
+                value_codec=value_codec,  # type: ignore[arg-type]
+                payload=bytes(payload),
+            )
+        )
+    return codec.encode(DemoComponents(author=author, cohort=cohort, step=step, lr=0.0, tensors=tensors))
+
+
+def decode_demo(record: DemoComponents, spec: Spec) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for t in record.tensors:
+        try:
+            shape, n_chunks, chunk_numel = spec(t.name)
+        except KeyError:
+            raise ProtocolError(f"DeMo components: unknown tensor {t.name!r}") from None
+        if tuple(t.shape) != tuple(shape) or t.n_chunks != n_chunks or t.chunk_numel != chunk_numel:
+            raise ProtocolError(f"DeMo components: tensor {t.name!r} chunking differs from ours")
+        out[t.name] = decode_components(
+            t.payload, n_chunks=n_chunks, k=t.k, chunk_numel=chunk_numel, value_codec=t.value_codec
+        )
+    return out
+
+
+class GossipingDeMo:
+    """The DeMo optimizer with the exchange in the middle of ``step``; the trainer's optimizer."""
+
+    def __init__(self, demo: Any, exchange: DemoExchange) -> None:
+        self.demo = demo
+        self._exchange = exchange
+
+    def step(self, closure: Any = None) -> None:
+        self._exchange._step(self.demo)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.demo.zero_grad(set_to_none=set_to_none)
+
+    def __getattr__(self, name: str) -> Any:  # param_groups, state_dict, ... of the wrapped optimizer
+        return getattr(self.demo, name)
+
+
+class DemoExchange(BaseExchange):
+    name = "demo"
+
+    def __init__(self, config: DemoGossipConfig, *, host: Host, cohort: str, demo: Any, spec: Spec) -> None:
+        self.config = config
+        self.host = host
+        self.me = str(host.peer_id)
+        self.cohort = cohort
+        self.spec = spec
+        self.optimizer = GossipingDeMo(demo, self)
+        self.topic = topics.cohort_topic(config.swarm, topics.DEMO, cohort)
+        self.traffic = Traffic()
+        self.step_no = 0
+        self.blocked_s = 0.0
+        self.used = 0
+        self.send_failures = 0
+        self.last_send_error = ""
+        self._inbox: dict[str, tuple[int, Any]] = {}
+        self._cond = threading.Condition()
+        self._out: asyncio.Queue[tuple[int, Any]] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # -- event loop side --------------------------------------------------------------------------
+
+    def start(self, tg: asyncio.TaskGroup) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._out = asyncio.Queue(maxsize=4)
+        tg.create_task(receive_loop(self.host, self.topic, self.me, self._handle, self.traffic))
+        tg.create_task(self._publisher())
+
+    def _handle(self, origin: str, data: bytes) -> None:
+        record = codec.decode(data)
+        if not isinstance(record, DemoComponents):
+            raise ValueError(f"expected DeMo components, got {type(record).__name__}")
+        if record.author != origin or record.cohort != self.cohort:
+            raise ValueError("DeMo components from another author or cohort")
+        self.receive(origin, int(record.step), decode_demo(record, self.spec))
+
+    def receive(self, peer: str, step: int, components: Any) -> None:
+        """Newest per peer wins."""
+        with self._cond:
+            old = self._inbox.get(peer)
+            if old is None or step >= old[0]:
+                self._inbox[peer] = (step, components)
+                self._cond.notify_all()
+
+    async def _publisher(self) -> None:
+        assert self._out is not None
+        while True:
+            step, components = await self._out.get()
+            try:
+                data = await asyncio.to_thread(
+                    encode_demo, self.me, self.cohort, step, components, self.spec, self.config.value_codec
+                )
+                await self.host.publish(self.topic, data)
+                self.traffic.bytes_sent += len(data)
+            except Exception as exc:  # e.g. over the gossip limit: counted and shown in every metrics row
+                self.send_failures += 1
+                self.last_send_error = str(exc)[:200]
+                log.warning("DeMo components for step %d not sent: %s", step, exc)
+
+    def _publish_threadsafe(self, step: int, components: Any) -> None:
+        loop, out = self._loop, self._out
+        if loop is None or out is None:
+            return  # not started (training alone): components stay local
+
+        def put() -> None:
+            if out.full():
+                out.get_nowait()  # a newer step supersedes an unsent older one
+                self.traffic.dropped += 1
+            out.put_nowait((step, components))
+
+        loop.call_soon_threadsafe(put)
+
+    # -- trainer thread side ----------------------------------------------------------------------
+
+    def _take(self) -> list[Any]:
+        lag = self.config.max_lag
+        fresh = [c for s, c in self._inbox.values() if lag is None or abs(s - self.step_no) <= lag]
+        self._inbox.clear()
+        return fresh
+
+    def _step(self, demo: Any) -> None:
+        own = demo.compute_components()
+        self._publish_threadsafe(self.step_no, own)
+        t0 = time.monotonic()
+        with self._cond:
+            if not self._inbox and self.config.window_s > 0:
+                self._cond.wait(self.config.window_s)
+            peers = self._take()
+        self.blocked_s += time.monotonic() - t0
+        self.used += len(peers)
+        demo.apply_components(peers)
+        self.step_no += 1
+
+    def statistics(self) -> dict[str, Any]:
+        return {
+            "demo_peers_used": self.used,
+            "demo_send_failures": self.send_failures,
+            "demo_last_send_error": self.last_send_error,
+            "demo_blocked_s": round(self.blocked_s, 4),
+            **self.traffic.as_dict("demo"),
+        }

@@ -1,0 +1,426 @@
+"""DiLoCo rounds within a cohort, overlapped with training.
+
+At the end of round r (every H inner steps, or every ``round_seconds`` of wall time) the node computes
+its pseudo-gradient Δ = anchor − θ, serves it as a content-addressed blob, publishes a manifest on the
+cohort's rounds topic, and **keeps training**. A background task gathers peers' manifests until every
+live cohort peer has published or the collection deadline passes, pulling each blob as soon as its
+manifest arrives (bounded by the same deadline). At the next step boundary after that, the outer step
+is applied: every replica that merged the same contributions lands on the same anchor bits, and the
+inner steps taken while collecting are carried over (θ ← anchor' + (θ − θ_published)). The trainer
+only waits when round r+1 ends before round r's collection did: that wait is ``blocked_s``.
+
+Also here: the snapshot served to joiners, joiner catch-up and majority re-sync (``catchup``).
+Depends on the host, the membership table and the outer optimizer; never on the node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from swarmnode.aggregate import replica_spread, robust_mean
+from swarmnode.compression.pseudograd import decode_delta, encode_delta
+from swarmnode.compression.state import decode_state, encode_state
+from swarmnode.exchange.base import BaseExchange, Host, Traffic, receive_loop
+from swarmnode.exchange.catchup import STATE_PROTOCOL, Snapshot, StateServer, choose_source, fetch_state
+from swarmnode.membership import Membership
+from swarmnode.protocol import RoundManifest, codec, topics
+from swarmnode.rounds import RoundClock
+
+log = logging.getLogger(__name__)
+
+Contribution = tuple[dict[str, Any], float]
+Aggregate = Callable[[list[Contribution]], dict[str, Any]]
+
+
+@dataclass(kw_only=True, slots=True)
+class RoundsConfig:
+    swarm: str = "default"
+    merge_every: int = 0  # H inner steps per round; 0: wall-clock rounds (round_seconds)
+    round_seconds: float = 0.0  # > 0: every node ends round r at the same wall-clock moment
+    genesis: float | None = None  # unix time of round 0; None: derived from the swarm id
+    collect_seconds: float = 10.0  # how long a round waits for peers' pseudo-gradients at most
+    max_blob_bytes: int = 256 * 1024 * 1024
+    codec: str = "int8"
+    expect_peers: int = 1  # cohort peers to hear before the first step (bounded by join_wait_s)
+    join_wait_s: float = 3.0
+
+    def __post_init__(self) -> None:
+        if not (self.merge_every > 0) ^ (self.round_seconds > 0):
+            raise ValueError("set exactly one of merge_every (steps) and round_seconds (wall clock)")
+        if not self.collect_seconds > 0:
+            raise ValueError(f"collect_seconds must be > 0, got {self.collect_seconds}")
+        if self.round_seconds and self.collect_seconds > self.round_seconds:
+            raise ValueError(
+                f"collect_seconds must be in (0, round_seconds={self.round_seconds}], got {self.collect_seconds}"
+            )
+
+
+@dataclass(slots=True)
+class _Inbox:
+    manifests: dict[str, Any] = field(default_factory=dict)  # author -> manifest
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@dataclass(slots=True)
+class _Pending:
+    """A published round whose collection runs in the background."""
+
+    round: int
+    task: asyncio.Task[dict[str, Contribution]]
+    # None for a round we only observe (a joiner merging the round in flight when it loaded state)
+    published: dict[str, Any] | None = None  # our exact Δ at publish time (θ_published = anchor − Δ)
+    own: dict[str, Any] | None = None  # our Δ as peers decode it: what enters the average
+    weight: float = 0.0
+    content_hash: str = ""
+
+
+class DiLoCoExchange(BaseExchange):
+    name = "diloco"
+
+    def __init__(
+        self,
+        config: RoundsConfig,
+        *,
+        host: Host,
+        membership: Membership,
+        diloco: Any,
+        on_weights: Callable[[], None] = lambda: None,
+        aggregate: Aggregate | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.host = host
+        self.members = membership
+        self.me = membership.me
+        self.cohort = membership.cohort
+        self.diloco = diloco
+        self.on_weights = on_weights
+        self.aggregate = aggregate
+        self.clock = clock
+        self.topic = topics.cohort_topic(config.swarm, topics.ROUNDS, self.cohort)
+        self.traffic = Traffic()
+        self.state_server = StateServer(host, self.cohort)
+        host.set_request_handler(STATE_PROTOCOL, self.state_server.handle)
+        self.round = 0
+        self.step = 0
+        self.merges = self.catchups = self.heals = self.merge_contributors = 0
+        self.blocked_s = 0.0
+        self.replica_distance = float("nan")  # mean ‖θ_i − θ̄‖ over the last merge's contributors
+        self.carried_progress = float("nan")  # ‖θ − θ_published‖ carried over the last merge
+        self.anchor_hash = ""  # computed once per merge or load, off the event loop
+        self.samples_since_publish = 0
+        self._inboxes: dict[int, _Inbox] = {}
+        self._pending: _Pending | None = None
+        self._served_blob = ""
+        self._ready = False
+        self.clock_rounds: RoundClock | None = None
+        self._open_round: int | None = None
+        if config.round_seconds > 0:
+            self.clock_rounds = RoundClock.for_swarm(
+                config.swarm,
+                round_seconds=config.round_seconds,
+                collect_seconds=config.collect_seconds,
+                genesis=config.genesis,
+                clock=wall_clock,
+            )
+
+    def start(self, tg: asyncio.TaskGroup) -> None:
+        self._tg = tg
+        tg.create_task(receive_loop(self.host, self.topic, self.me, self._handle, self.traffic))
+
+    # -- gossip in --------------------------------------------------------------------------------
+
+    def _handle(self, origin: str, data: bytes) -> None:
+        record = codec.decode(data)
+        if not isinstance(record, RoundManifest):
+            raise ValueError(f"expected a round manifest, got {type(record).__name__}")
+        if record.cohort != self.cohort or record.author != origin:
+            raise ValueError("round manifest for another cohort, or not signed by its author")
+        self.members.note_member(origin)
+        rnd = int(record.round)
+        if rnd <= self.round:  # too late: that round is merged already
+            return
+        inbox = self._inboxes.setdefault(rnd, _Inbox())
+        inbox.manifests[origin] = record
+        inbox.arrived.set()
+
+    # -- the step hooks ---------------------------------------------------------------------------
+
+    async def before_step(self, step: int) -> int:
+        self.step = step
+        if not self._ready:
+            self._ready = True
+            await self._refresh()
+            if self.config.join_wait_s:
+                await self.members.wait_cohort(self.config.expect_peers, self.config.join_wait_s)
+        return await self.maybe_catch_up(step)
+
+    async def after_step(self, step: int, samples: int) -> None:
+        """Apply a finished collection; start the next round when one ended."""
+        self.step = step
+        self.samples_since_publish += samples
+        pending = self._pending
+        if pending is not None and pending.task.done():
+            await self._apply(pending)
+        due = self._due(step)
+        if due is None or due[0] <= self.round:
+            return  # not a round's end, or merged already (a joiner loaded state past it)
+        pending = self._pending
+        if pending is not None and pending.own is None and due[0] <= pending.round:
+            return  # we observe this round: the cohort published it before we joined
+        await self.drain()  # round r+1 ended before round r's collection did (bounded wait)
+        await self._publish(*due)
+
+    async def finish(self, stopped: bool) -> None:
+        """Budget spent: merge the round in flight so every replica ends on the same anchor, then
+        keep serving our last contribution until every cohort peer merged it (or the window ends)."""
+        if stopped:
+            self.cancel()
+            return
+        await self.drain()
+        end = self.clock() + self.config.collect_seconds
+        while self.clock() < end and any(  # noqa: ASYNC110 - polls presence, bounded by the window
+            int(getattr(self.members.presence_of(p), "round", self.round)) < self.round
+            for p in self.members.cohort_peers()
+        ):
+            await asyncio.sleep(0.05)
+
+    def _due(self, step: int) -> tuple[int, float] | None:
+        """(round to publish, its collection deadline on ``clock``) if a round ended at this step."""
+        if self.clock_rounds is None:
+            H = self.config.merge_every
+            if step % H == 0:
+                return step // H, self.clock() + self.config.collect_seconds
+            return None
+        now = self.clock_rounds.current()
+        if self._open_round is None:  # first step: we joined mid-round, take part from the next one
+            self._open_round = now
+            return None
+        if now <= self._open_round:
+            return None
+        # Every node names the round by the wall clock, so ids agree without a coordinator; a step
+        # longer than a round skips ids rather than publishing a stale one.
+        rnd, self._open_round = now - 1, now
+        wall_left = self.clock_rounds.round_end(rnd) + self.config.collect_seconds - self.clock_rounds.clock()
+        return rnd, self.clock() + max(0.0, wall_left)
+
+    async def drain(self) -> None:
+        """Finish the round in flight (bounded by its deadline) and apply it; the wait is blocked time."""
+        pending = self._pending
+        if pending is None:
+            return
+        t0 = self.clock()
+        with contextlib.suppress(Exception):
+            await asyncio.shield(pending.task)
+        self.blocked_s += self.clock() - t0
+        await self._apply(pending)
+
+    def cancel(self) -> None:
+        if self._pending is not None:
+            self._pending.task.cancel()
+            self._pending = None
+
+    # -- publish and collect ----------------------------------------------------------------------
+
+    async def _publish(self, rnd: int, deadline: float) -> None:
+        delta = await asyncio.to_thread(self.diloco.pseudo_gradient)
+        blob = await asyncio.to_thread(encode_delta, delta, self.config.codec)
+        own = await asyncio.to_thread(decode_delta, blob, len(blob))
+        content_hash = self.host.provide_blob(blob)
+        # Averaging weight: groups trained on since the last publish (DiLoCo weights by samples).
+        weight = float(max(1, self.samples_since_publish))
+        self.samples_since_publish = 0
+        manifest = RoundManifest(
+            round=rnd,
+            author=self.me,
+            cohort=self.cohort,
+            weight=weight,
+            content_hash=content_hash,
+            size=len(blob),
+            codec=self.config.codec,  # type: ignore[arg-type]
+            anchor_hash=self.anchor_hash,
+        )
+        data = codec.encode(manifest)
+        await self.host.publish(self.topic, data)
+        self.traffic.bytes_sent += len(data)
+        task = self._tg.create_task(self._collect(rnd, deadline))
+        self._pending = _Pending(rnd, task, delta, own, weight, content_hash)
+
+    async def _collect(self, rnd: int, deadline: float) -> dict[str, Contribution]:
+        """Peers' (Δ, weight) for round ``rnd``: manifests count until every live cohort peer has
+        published or the deadline passes; each blob is pulled as soon as its manifest arrives."""
+        inbox = self._inboxes.setdefault(rnd, _Inbox())
+        fetches: dict[str, asyncio.Task[Contribution | None]] = {}
+        try:
+            async with asyncio.TaskGroup() as pulls:
+                try:
+                    while True:
+                        for author, manifest in inbox.manifests.items():
+                            if author not in fetches:
+                                fetches[author] = pulls.create_task(self._fetch_one(manifest))
+                        if set(self.members.cohort_peers()) <= set(inbox.manifests):
+                            break
+                        remaining = deadline - self.clock()
+                        if remaining <= 0:
+                            break
+                        inbox.arrived.clear()
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(inbox.arrived.wait(), timeout=min(remaining, 0.25))
+                    if fetches:
+                        await asyncio.wait(fetches.values(), timeout=max(0.0, deadline - self.clock()))
+                finally:
+                    for task in fetches.values():  # a slow or dead peer is left out of this round
+                        task.cancel()
+        except Exception as exc:  # _fetch_one never raises: only a bug can get here
+            log.warning("round %d collection: %r", rnd, exc)
+        out: dict[str, Contribution] = {}
+        for author, task in fetches.items():
+            result = None if task.cancelled() or task.exception() is not None else task.result()
+            if result is not None:
+                out[author] = result
+        return out
+
+    async def _fetch_one(self, m: Any) -> Contribution | None:
+        """(Δ, weight) from the manifest's author, or None (counted) when anything goes wrong."""
+        limit = self.config.max_blob_bytes
+        try:
+            data = await self.host.fetch(m.content_hash, [m.author], max_size=min(int(m.size), limit))
+            self.traffic.bytes_received += len(data)
+            delta = await asyncio.to_thread(decode_delta, data, limit)
+        except Exception as exc:  # any failure leaves this peer out of the round
+            self.traffic.dropped += 1
+            log.info("pseudo-gradient fetch from %s failed: %s", m.author, exc)
+            return None
+        return delta, float(m.weight)
+
+    async def _apply(self, pending: _Pending) -> None:
+        self._pending = None
+        try:
+            fetched = pending.task.result()
+        except Exception as exc:  # collection itself failed: merge what we have (our own Δ)
+            log.warning("round %d collection failed: %s", pending.round, exc)
+            fetched = {}
+        contributions: dict[str, Contribution] = dict(fetched)
+        if pending.own is not None:
+            contributions[self.me] = (pending.own, pending.weight)
+        if not contributions:  # observed a round nobody's contribution reached us for
+            return
+        # Sorted by author so every node sums in the same order and lands on the same anchor bits.
+        ordered = [contributions[a] for a in sorted(contributions)]
+        await asyncio.to_thread(self._outer_step, ordered, pending)
+        self.round = pending.round
+        self.merges += 1
+        self.merge_contributors = len(ordered)
+        await self._refresh()
+        # Serve our blob until the next round: slower peers may still be fetching it.
+        if pending.content_hash:
+            if self._served_blob:
+                self.host.remove_blob(self._served_blob)
+            self._served_blob = pending.content_hash
+        for old in [r for r in self._inboxes if r <= pending.round]:
+            del self._inboxes[old]
+
+    def _outer_step(self, contributions: list[Contribution], pending: _Pending) -> None:
+        self.replica_distance = replica_spread([d for d, _ in contributions])
+        if self.aggregate is not None:
+            avg = self.aggregate(contributions)
+        else:  # our model defines the expected names/shapes: a peer's mismatching blob is dropped
+            avg = robust_mean(contributions, expected=self.diloco.shapes())
+        carried = self.diloco.outer_step(avg, published=pending.published)
+        self.carried_progress = float(carried) if carried is not None else float("nan")
+        self.on_weights()
+
+    # -- joiners ----------------------------------------------------------------------------------
+
+    def _state_blob(self) -> tuple[str, bytes]:
+        state = self.diloco.state_dict()
+        tensors = {k: v for k, v in state.items() if hasattr(v, "shape")}
+        scalars = {k: v for k, v in state.items() if not hasattr(v, "shape")}
+        return self.diloco.anchor_hash(), encode_state(tensors, scalars)
+
+    async def _refresh(self) -> None:
+        """Anchor hash and joiner snapshot after a merge or a load (hashing and encoding off-loop)."""
+        self.anchor_hash, blob = await asyncio.to_thread(self._state_blob)
+        snap = Snapshot(round=self.round, step=self.step, anchor_hash=self.anchor_hash, blob=blob)
+        self.state_server.update(snap)
+
+    def _load(self, blob: bytes) -> None:
+        state = decode_state(blob, max_bytes=self.config.max_blob_bytes)
+        self.diloco.load_state_dict(state, reset_local=True)
+        self.on_weights()
+
+    async def maybe_catch_up(self, step: int) -> int:
+        """A fresh node, or one two or more rounds behind, loads the cohort state from a peer that
+        advertises a newer round; a replica whose anchor lost the majority vote re-syncs to the winner.
+        Returns the step to continue from (a joiner adopts the cohort's step; it never goes back)."""
+        if self._pending is not None:
+            return step  # decide once the round in flight is merged
+        choice = choose_source(
+            self.members.presences(),
+            set(self.members.live_peers()),
+            cohort=self.cohort,
+            my_round=self.round,
+            my_step=step,
+            merged=self.merges > 0,
+            my_anchor=self.anchor_hash,
+        )
+        if choice is None:
+            return step
+        source, target = choice
+        t0 = self.clock()
+        timeout = max(self.config.collect_seconds, 1.0) * 4
+        try:
+            manifest, blob = await asyncio.wait_for(
+                fetch_state(self.host, source, self.cohort, max_bytes=self.config.max_blob_bytes), timeout
+            )
+            if target and manifest.anchor_hash != target:
+                return step  # the peer moved on since its presence; the next presence decides again
+            await asyncio.to_thread(self._load, blob)
+        except Exception as exc:  # nothing a donor sends or fails to send may end the node
+            self.traffic.dropped += 1
+            log.warning("catch-up from %s failed: %s", source, exc)
+            return step
+        finally:
+            self.blocked_s += self.clock() - t0
+        self.round = int(manifest.round)
+        if target:
+            self.heals += 1
+        else:
+            self.catchups += 1
+            step = max(step, int(manifest.step))  # a joiner adopts the cohort's step, never going back
+        self.step = step
+        self.samples_since_publish = 0
+        self._inboxes = {r: v for r, v in self._inboxes.items() if r > self.round}
+        await self._refresh()
+        if self.anchor_hash != manifest.anchor_hash:
+            log.warning("state from %s loaded but its anchor hash differs from the manifest", source)
+        if not target:
+            # The snapshot is the anchor after round r while the cohort may already be collecting
+            # round r+1 from it: merge that round with them (our Δ would be empty) so we land on the
+            # anchor they land on, then take part from the round after.
+            nxt = self.round + 1
+            task = self._tg.create_task(self._collect(nxt, self.clock() + self.config.collect_seconds))
+            self._pending = _Pending(nxt, task)
+        log.info("caught up from %s: round %d step %d", source, manifest.round, manifest.step)
+        return step
+
+    def statistics(self) -> dict[str, Any]:
+        return {
+            "round": self.round,
+            "anchor_hash": self.anchor_hash,
+            "merges": self.merges,
+            "merge_contributors": self.merge_contributors,
+            "heals": self.heals,
+            "catchups": self.catchups,
+            "replica_distance_before_merge": self.replica_distance,
+            "carried_progress": self.carried_progress,
+            "diloco_blocked_s": round(self.blocked_s, 4),
+            **self.traffic.as_dict("diloco"),
+        }
