@@ -1,12 +1,11 @@
-"""Codecs: zstd framing, DeMo DCT + top-k, index and value coding, error feedback. Pure functions."""
+"""Codecs: zstd framing, DeMo DCT + top-k, index and value coding, int8 quantisation, the
+DiLoCo pseudo-gradient and catch-up state codecs. Pure functions on tensors and bytes."""
 
 from swarmnode.compression.components import decode_components, encode_components
 from swarmnode.compression.dct import ChunkedDCT, energy_ratio, scatter_chunks, topk_chunks
-from swarmnode.compression.feedback import ErrorFeedback
 from swarmnode.compression.framing import compress, decompress
 from swarmnode.compression.indices import decode_indices, encode_indices, index_bits_bound
 from swarmnode.compression.quant import (
-    Int8ErrorFeedback,
     decode_tensor_dict,
     dequantize_int8,
     encode_tensor_dict,
@@ -16,8 +15,6 @@ from swarmnode.compression.values import decode_values, encode_values
 
 __all__ = [
     "ChunkedDCT",
-    "ErrorFeedback",
-    "Int8ErrorFeedback",
     "compress",
     "decode_components",
     "decode_indices",

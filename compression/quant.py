@@ -95,33 +95,6 @@ def dequantize_int8(data: bytes, *, shape: tuple[int, ...] | torch.Size, max_byt
     return torch.from_numpy(out).reshape(tuple(shape))
 
 
-class Int8ErrorFeedback:
-    """int8 quantisation whose rounding error is carried into the next call for the same name."""
-
-    __slots__ = ("_residual", "block")
-
-    def __init__(self, *, block: int = 4096) -> None:
-        if not 1 <= block <= MAX_BLOCK:
-            raise ValueError(f"block: expected 1..{MAX_BLOCK}, got {block}")
-        self.block = block
-        self._residual: dict[str, Tensor] = {}
-
-    def quantize(self, name: str, t: Tensor) -> bytes:
-        x = t.detach().to(torch.float32).cpu()
-        r = self._residual.get(name)
-        if r is not None and r.shape == x.shape:
-            x = x + r
-        data = quantize_int8(x, block=self.block)
-        self._residual[name] = x - dequantize_int8(data, shape=x.shape, max_bytes=len(data))
-        return data
-
-    def residual(self, name: str) -> Tensor | None:
-        return self._residual.get(name)
-
-    def reset(self) -> None:
-        self._residual.clear()
-
-
 def encode_tensor_dict(d: dict[str, Tensor]) -> bytes:
     items = []
     for name, t in d.items():

@@ -25,7 +25,9 @@ from swarmnode.compression import (
     dct,
     framing,
     indices,
+    pseudograd,
     quant,
+    state,
     values,
 )
 from swarmnode.protocol.errors import ProtocolError
@@ -118,6 +120,42 @@ def _check_dict(orig: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> 
         assert torch.equal(got[name], t)
 
 
+def _delta_sample(rng: random.Random) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(rng.randrange(2**31))
+    delta = {
+        "layer.w": torch.randn(rng.randrange(1, 40), 33, generator=g) * 1e-3,
+        "layer.b": torch.randn(rng.randrange(0, 300), generator=g),
+        "scalar": torch.randn((), generator=g),
+    }
+    delta["layer.w"][0, 0] = 0.5  # an outlier coarsens only its own block of 256
+    return delta
+
+
+def _check_delta(orig: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> None:
+    assert sorted(got) == sorted(orig)
+    for name, t in orig.items():
+        assert got[name].shape == t.shape and got[name].dtype == torch.float32
+        blocks = torch.nn.functional.pad(t.reshape(-1), (0, (-t.numel()) % pseudograd.QUANT_BLOCK))
+        bound = blocks.reshape(-1, pseudograd.QUANT_BLOCK).abs().amax(dim=1) / 127 * 0.5 + 1e-12
+        err = torch.nn.functional.pad((got[name] - t).reshape(-1).abs(), (0, blocks.numel() - t.numel()))
+        assert bool((err.reshape(-1, pseudograd.QUANT_BLOCK) <= bound[:, None] * 1.0001).all())
+
+
+def _state_sample(rng: random.Random) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    g = torch.Generator().manual_seed(rng.randrange(2**31))
+    tensors = {"anchor.w": torch.randn(rng.randrange(1, 30), 4, generator=g), "momentum.w": torch.randn(3)}
+    return tensors, {"outer_steps": rng.randrange(100), "lr": 0.7, "nesterov": True}
+
+
+def _check_state(orig: tuple[dict[str, torch.Tensor], dict[str, Any]], got: dict[str, Any]) -> None:
+    tensors, scalars = orig
+    assert sorted(got) == sorted([*tensors, *scalars])
+    for name, t in tensors.items():
+        assert torch.equal(got[name], t)
+    for name, v in scalars.items():
+        assert got[name] == v and type(got[name]) is type(v)
+
+
 def _geometry(sample: Any) -> tuple[int, int, int]:
     return sample[0].shape[0], sample[0].shape[1], sample[2]
 
@@ -178,6 +216,20 @@ CODECS = [
         encode=quant.encode_tensor_dict,
         decode=lambda data, d: quant.decode_tensor_dict(data, max_bytes=CAP),
         check=_check_dict,
+    ),
+    Codec(
+        name="pseudograd-int8",
+        sample=_delta_sample,
+        encode=lambda d: pseudograd.encode_delta(d, "int8"),
+        decode=lambda data, d: pseudograd.decode_delta(data, max_bytes=CAP),
+        check=_check_delta,
+    ),
+    Codec(
+        name="state",
+        sample=_state_sample,
+        encode=lambda s: state.encode_state(*s),
+        decode=lambda data, s: state.decode_state(data, max_bytes=CAP),
+        check=_check_state,
     ),
 ]
 IDS = [c.name for c in CODECS]

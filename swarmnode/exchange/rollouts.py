@@ -1,7 +1,9 @@
 """SAPO experience sharing: informative local groups out, verified peer groups in.
 
 Out: each step's groups whose completions scored differently (the rest carry no GRPO signal) go as
-one ``RolloutBatch`` message, split in halves only if it would pass the gossip limit.
+one ``RolloutBatch`` message, split in halves only if it would pass the gossip limit, in a zstd frame
+(``compression.framing``: text, token ids and logprobs shrink severalfold; the frame states its size,
+so a receiver never inflates more than the gossip limit).
 In: a batch is decoded on the event loop (cheap, bounded by the codec), its author must be the
 signer, and it waits in a bounded queue for verification in a worker thread: every problem is
 regenerated from its task reference and every completion re-scored locally, so a forged reward earns
@@ -18,8 +20,18 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from swarmnode.compression import framing
 from swarmnode.exchange.base import BaseExchange, Host, Traffic, receive_loop
-from swarmnode.protocol import Completion, ProtocolError, RolloutBatch, RolloutGroup, TaskRef, codec, topics
+from swarmnode.protocol import (
+    Completion,
+    ProtocolError,
+    RolloutBatch,
+    RolloutGroup,
+    TaskRef,
+    codec,
+    limits,
+    topics,
+)
 from swarmnode.replay import is_informative
 
 log = logging.getLogger(__name__)
@@ -103,7 +115,7 @@ class RolloutExchange(BaseExchange):
         tg.create_task(self._verifier())
 
     def _handle(self, origin: str, data: bytes) -> None:
-        batch = codec.decode(data)
+        batch = codec.decode(framing.decompress(data, max_size=limits.MAX_GOSSIP_BYTES))
         if not isinstance(batch, RolloutBatch):
             raise ValueError(f"expected a rollout batch, got {type(batch).__name__}")
         if batch.author != origin:
@@ -136,7 +148,8 @@ class RolloutExchange(BaseExchange):
         shared = [g for g in local if is_informative(g)]
         if shared:
             wire = [to_rollout_group(g) for g in shared]
-            for data in encode_batches(self.me, self.cohort, step, wire):
+            for raw in encode_batches(self.me, self.cohort, step, wire):
+                data = framing.compress(raw)
                 await self.host.publish(self.topic, data)
                 self.traffic.bytes_sent += len(data)
         return self.sample_external(step)
