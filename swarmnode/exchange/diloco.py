@@ -20,7 +20,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from swarmnode.aggregate import replica_spread, robust_mean
@@ -28,13 +28,13 @@ from swarmnode.compression.pseudograd import decode_delta, encode_delta
 from swarmnode.compression.state import decode_state, encode_state
 from swarmnode.exchange.base import BaseExchange, Host, Traffic, receive_loop
 from swarmnode.exchange.catchup import STATE_PROTOCOL, Snapshot, StateServer, choose_source, fetch_state
+from swarmnode.exchange.collect import Contribution, Inbox, collect_round
 from swarmnode.membership import Membership
 from swarmnode.protocol import RoundManifest, codec, topics
 from swarmnode.rounds import RoundClock
 
 log = logging.getLogger(__name__)
 
-Contribution = tuple[dict[str, Any], float]
 Aggregate = Callable[[list[Contribution]], dict[str, Any]]
 
 
@@ -59,12 +59,6 @@ class RoundsConfig:
             raise ValueError(
                 f"collect_seconds must be in (0, round_seconds={self.round_seconds}], got {self.collect_seconds}"
             )
-
-
-@dataclass(slots=True)
-class _Inbox:
-    manifests: dict[str, Any] = field(default_factory=dict)  # author -> manifest
-    arrived: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 @dataclass(slots=True)
@@ -116,7 +110,7 @@ class DiLoCoExchange(BaseExchange):
         self.carried_progress = float("nan")  # ‖θ − θ_published‖ carried over the last merge
         self.anchor_hash = ""  # computed once per merge or load, off the event loop
         self.samples_since_publish = 0
-        self._inboxes: dict[int, _Inbox] = {}
+        self._inboxes: dict[int, Inbox] = {}
         self._pending: _Pending | None = None
         self._served_blob = ""
         self._ready = False
@@ -147,7 +141,7 @@ class DiLoCoExchange(BaseExchange):
         rnd = int(record.round)
         if rnd <= self.round:  # too late: that round is merged already
             return
-        inbox = self._inboxes.setdefault(rnd, _Inbox())
+        inbox = self._inboxes.setdefault(rnd, Inbox())
         inbox.manifests[origin] = record
         inbox.arrived.set()
 
@@ -254,38 +248,14 @@ class DiLoCoExchange(BaseExchange):
         self._pending = _Pending(rnd, task, delta, own, weight, content_hash)
 
     async def _collect(self, rnd: int, deadline: float) -> dict[str, Contribution]:
-        """Peers' (Δ, weight) for round ``rnd``: manifests count until every live cohort peer has
-        published or the deadline passes; each blob is pulled as soon as its manifest arrives."""
-        inbox = self._inboxes.setdefault(rnd, _Inbox())
-        fetches: dict[str, asyncio.Task[Contribution | None]] = {}
-        try:
-            async with asyncio.TaskGroup() as pulls:
-                try:
-                    while True:
-                        for author, manifest in inbox.manifests.items():
-                            if author not in fetches:
-                                fetches[author] = pulls.create_task(self._fetch_one(manifest))
-                        if set(self.members.cohort_peers()) <= set(inbox.manifests):
-                            break
-                        remaining = deadline - self.clock()
-                        if remaining <= 0:
-                            break
-                        inbox.arrived.clear()
-                        with contextlib.suppress(TimeoutError):
-                            await asyncio.wait_for(inbox.arrived.wait(), timeout=min(remaining, 0.25))
-                    if fetches:
-                        await asyncio.wait(fetches.values(), timeout=max(0.0, deadline - self.clock()))
-                finally:
-                    for task in fetches.values():  # a slow or dead peer is left out of this round
-                        task.cancel()
-        except Exception as exc:  # _fetch_one never raises: only a bug can get here
-            log.warning("round %d collection: %r", rnd, exc)
-        out: dict[str, Contribution] = {}
-        for author, task in fetches.items():
-            result = None if task.cancelled() or task.exception() is not None else task.result()
-            if result is not None:
-                out[author] = result
-        return out
+        inbox = self._inboxes.setdefault(rnd, Inbox())
+        return await collect_round(
+            inbox,
+            expected=self.members.cohort_peers,
+            fetch=self._fetch_one,
+            deadline=deadline,
+            clock=self.clock,
+        )
 
     async def _fetch_one(self, m: Any) -> Contribution | None:
         """(Δ, weight) from the manifest's author, or None (counted) when anything goes wrong."""

@@ -1,0 +1,67 @@
+"""Collecting one DiLoCo round's contributions: manifests in, blobs pulled, bounded by a deadline.
+
+Manifests count until every expected cohort peer has published or the deadline passes. Each blob is
+pulled as soon as its manifest arrives, so waiting for a peer that never publishes does not eat the
+time to fetch the ones that did; every pull is bounded by the same deadline, and a slow or dead
+peer is simply left out of the round.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+Contribution = tuple[dict[str, Any], float]
+
+
+@dataclass(slots=True)
+class Inbox:
+    manifests: dict[str, Any] = field(default_factory=dict)  # author -> manifest
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+async def collect_round(
+    inbox: Inbox,
+    *,
+    expected: Callable[[], list[str]],
+    fetch: Callable[[Any], Awaitable[Contribution | None]],
+    deadline: float,
+    clock: Callable[[], float],
+) -> dict[str, Contribution]:
+    """{author: (Δ, weight)} of the contributions that arrived in time; ``fetch`` never raises (it
+    returns None for a failed pull), so one bad peer cannot cancel the others' pulls."""
+    fetches: dict[str, asyncio.Task[Contribution | None]] = {}
+    try:
+        async with asyncio.TaskGroup() as pulls:
+            try:
+                while True:
+                    for author, manifest in inbox.manifests.items():
+                        if author not in fetches:
+                            fetches[author] = pulls.create_task(fetch(manifest))
+                    if set(expected()) <= set(inbox.manifests):
+                        break
+                    remaining = deadline - clock()
+                    if remaining <= 0:
+                        break
+                    inbox.arrived.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(inbox.arrived.wait(), timeout=min(remaining, 0.25))
+                if fetches:
+                    await asyncio.wait(fetches.values(), timeout=max(0.0, deadline - clock()))
+            finally:
+                for task in fetches.values():  # a slow or dead peer is left out of this round
+                    task.cancel()
+    except Exception as exc:  # fetch never raises: only a bug can get here
+        log.warning("round collection: %r", exc)
+    out: dict[str, Contribution] = {}
+    for author, task in fetches.items():
+        result = None if task.cancelled() or task.exception() is not None else task.result()
+        if result is not None:
+            out[author] = result
+    return out
