@@ -45,6 +45,7 @@ from swarmnode.p2p.streams import (
     write_frame,
     write_header,
 )
+from swarmnode.p2p.subscription import Subscription
 
 log = logging.getLogger(__name__)
 
@@ -61,37 +62,6 @@ class _Trio:
     router: Any
     dht: KadDHT | None
     equivocation: DigestEquivocation
-
-
-class Subscription:
-    """Async iterator of messages on one topic; ends when the host closes or `aclose()` is called."""
-
-    def __init__(self, owner: Host, topic: str, maxsize: int) -> None:
-        self.topic = topic
-        self._owner = owner
-        self.queue: asyncio.Queue[Message | None] = asyncio.Queue(maxsize)
-
-    def __aiter__(self) -> Subscription:
-        return self
-
-    async def __anext__(self) -> Message:
-        item = await self.queue.get()
-        if item is None:
-            raise StopAsyncIteration
-        return item
-
-    async def aclose(self) -> None:
-        self._owner._drop_subscription(self)
-        self.end()
-
-    def end(self) -> None:
-        with contextlib.suppress(asyncio.QueueFull):
-            self.queue.put_nowait(None)
-            return
-        # Full: make room for the end marker; the dropped message is counted.
-        self.queue.get_nowait()
-        self._owner._gossip.topic(self.topic).dropped += 1
-        self.queue.put_nowait(None)
 
 
 class Host:
