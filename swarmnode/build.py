@@ -85,8 +85,9 @@ def build_learner(
 def build_node(cfg: NodeConfig, host: Host, learner: Learner, *, data_dir: Path, on_step: Any = None) -> Node:
     """Membership and one exchange per enabled channel around ``learner``, on an open ``host``."""
     from swarmnode.exchange.demo import DemoExchange, DemoGossipConfig
-    from swarmnode.exchange.diloco import DiLoCoExchange, RoundsConfig
+    from swarmnode.exchange.diloco import DiLoCoExchange
     from swarmnode.exchange.rollouts import RolloutExchange, RolloutsConfig
+    from swarmnode.rounds import RoundsConfig
 
     net, train, dl = cfg.network, cfg.train, cfg.diloco
     swarm = cfg.swarm.id

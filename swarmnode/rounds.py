@@ -18,7 +18,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-__all__ = ["RoundClock", "genesis_from_swarm_id"]
+__all__ = ["RoundClock", "RoundsConfig", "genesis_from_swarm_id"]
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
@@ -112,3 +112,26 @@ class RoundClock:
             if remaining <= 0:
                 return
             await sleep(remaining)
+
+
+@dataclass(kw_only=True, slots=True)
+class RoundsConfig:
+    swarm: str = "default"
+    merge_every: int = 0  # H inner steps per round; 0: wall-clock rounds (round_seconds)
+    round_seconds: float = 0.0  # > 0: every node ends round r at the same wall-clock moment
+    genesis: float | None = None  # unix time of round 0; None: derived from the swarm id
+    collect_seconds: float = 10.0  # how long a round waits for peers' pseudo-gradients at most
+    max_blob_bytes: int = 256 * 1024 * 1024
+    codec: str = "int8"
+    expect_peers: int = 1  # cohort peers to hear before the first step (bounded by join_wait_s)
+    join_wait_s: float = 3.0
+
+    def __post_init__(self) -> None:
+        if not (self.merge_every > 0) ^ (self.round_seconds > 0):
+            raise ValueError("set exactly one of merge_every (steps) and round_seconds (wall clock)")
+        if not self.collect_seconds > 0:
+            raise ValueError(f"collect_seconds must be > 0, got {self.collect_seconds}")
+        if self.round_seconds and self.collect_seconds > self.round_seconds:
+            raise ValueError(
+                f"collect_seconds must be in (0, round_seconds={self.round_seconds}], got {self.collect_seconds}"
+            )

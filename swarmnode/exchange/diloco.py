@@ -31,34 +31,15 @@ from swarmnode.exchange.catchup import STATE_PROTOCOL, Snapshot, StateServer, ch
 from swarmnode.exchange.collect import Contribution, Inbox, collect_round
 from swarmnode.membership import Membership
 from swarmnode.protocol import RoundManifest, codec, topics
-from swarmnode.rounds import RoundClock
+from swarmnode.rounds import RoundClock, RoundsConfig
 
 log = logging.getLogger(__name__)
 
+# Manifests are kept for at most this many future rounds at once; step-based rounds accept claims at
+# most this many rounds ahead of ours (wall-clock rounds check the clock instead).
+MAX_OPEN_ROUNDS = 4
+MAX_ROUNDS_AHEAD = 1000
 Aggregate = Callable[[list[Contribution]], dict[str, Any]]
-
-
-@dataclass(kw_only=True, slots=True)
-class RoundsConfig:
-    swarm: str = "default"
-    merge_every: int = 0  # H inner steps per round; 0: wall-clock rounds (round_seconds)
-    round_seconds: float = 0.0  # > 0: every node ends round r at the same wall-clock moment
-    genesis: float | None = None  # unix time of round 0; None: derived from the swarm id
-    collect_seconds: float = 10.0  # how long a round waits for peers' pseudo-gradients at most
-    max_blob_bytes: int = 256 * 1024 * 1024
-    codec: str = "int8"
-    expect_peers: int = 1  # cohort peers to hear before the first step (bounded by join_wait_s)
-    join_wait_s: float = 3.0
-
-    def __post_init__(self) -> None:
-        if not (self.merge_every > 0) ^ (self.round_seconds > 0):
-            raise ValueError("set exactly one of merge_every (steps) and round_seconds (wall clock)")
-        if not self.collect_seconds > 0:
-            raise ValueError(f"collect_seconds must be > 0, got {self.collect_seconds}")
-        if self.round_seconds and self.collect_seconds > self.round_seconds:
-            raise ValueError(
-                f"collect_seconds must be in (0, round_seconds={self.round_seconds}], got {self.collect_seconds}"
-            )
 
 
 @dataclass(slots=True)
@@ -137,13 +118,24 @@ class DiLoCoExchange(BaseExchange):
             raise ValueError(f"expected a round manifest, got {type(record).__name__}")
         if record.cohort != self.cohort or record.author != origin:
             raise ValueError("round manifest for another cohort, or not signed by its author")
-        self.members.note_member(origin)
         rnd = int(record.round)
+        if rnd > self.max_plausible_round():
+            raise ValueError(f"round manifest for round {rnd}, which cannot have ended yet")
+        self.members.note_member(origin)
         if rnd <= self.round:  # too late: that round is merged already
             return
+        if rnd not in self._inboxes and len(self._inboxes) >= MAX_OPEN_ROUNDS:
+            raise ValueError(f"round {rnd}: already {MAX_OPEN_ROUNDS} rounds open")
         inbox = self._inboxes.setdefault(rnd, Inbox())
         inbox.manifests[origin] = record
         inbox.arrived.set()
+
+    def max_plausible_round(self) -> int:
+        """The newest round any honest peer can be in: by the wall clock (one round of skew), or, for
+        step-based rounds, a bound on how far ahead of us a peer can be. Claims past it are lies."""
+        if self.clock_rounds is not None:
+            return self.clock_rounds.current() + 1
+        return self.round + MAX_ROUNDS_AHEAD
 
     # -- the step hooks ---------------------------------------------------------------------------
 
@@ -332,8 +324,12 @@ class DiLoCoExchange(BaseExchange):
         Returns the step to continue from (a joiner adopts the cohort's step; it never goes back)."""
         if self._pending is not None:
             return step  # decide once the round in flight is merged
+        limit = self.max_plausible_round()
+        plausible = {
+            p: r for p, r in self.members.presences().items() if int(getattr(r, "round", 0)) <= limit
+        }
         choice = choose_source(
-            self.members.presences(),
+            plausible,
             set(self.members.live_peers()),
             cohort=self.cohort,
             my_round=self.round,
@@ -352,6 +348,10 @@ class DiLoCoExchange(BaseExchange):
             )
             if target and manifest.anchor_hash != target:
                 return step  # the peer moved on since its presence; the next presence decides again
+            if not self.round <= int(manifest.round) <= limit:
+                raise ValueError(
+                    f"donor's state is for round {manifest.round}, outside [{self.round}, {limit}]"
+                )
             await asyncio.to_thread(self._load, blob)
         except Exception as exc:  # nothing a donor sends or fails to send may end the node
             self.traffic.dropped += 1
