@@ -50,19 +50,9 @@ def decode_delta(data: bytes, max_bytes: int) -> dict[str, Tensor]:
     """Inverse of ``encode_delta``; any malformed or non-finite blob is a ``ProtocolError``."""
     if len(data) > max_bytes:
         raise ProtocolError(f"pseudo-gradient blob: {len(data)} bytes, over the limit of {max_bytes}")
-    try:
-        obj = msgpack.unpackb(
-            data,
-            raw=False,
-            strict_map_key=True,
-            max_bin_len=len(data),
-            max_str_len=_MAX_NAME * 4,
-            max_array_len=min(len(data), _MAX_TENSORS),
-            max_map_len=8,
-            max_ext_len=0,
-        )
-    except Exception as exc:  # msgpack raises many types (ValueError, ExtraData, FormatError, ...)
-        raise ProtocolError(f"pseudo-gradient blob: not valid msgpack ({type(exc).__name__})") from None
+    obj = quant.unpack_bounded(
+        data, "pseudo-gradient blob", max_str_len=_MAX_NAME * 4, max_array_len=_MAX_TENSORS, max_map_len=8
+    )
     if not isinstance(obj, dict) or obj.get("v") != 1 or not isinstance(obj.get("t"), list):
         raise ProtocolError("pseudo-gradient blob: expected {'v': 1, 'codec': ..., 't': [...]}")
     if obj.get("codec") not in CODECS:

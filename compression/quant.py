@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import struct
+from typing import Any
 
 import msgpack
 import numpy as np
@@ -114,23 +115,30 @@ def encode_tensor_dict(d: dict[str, Tensor]) -> bytes:
     return msgpack.packb({"v": 1, "t": items}, use_bin_type=True)
 
 
-def decode_tensor_dict(data: bytes, *, max_bytes: int) -> dict[str, Tensor]:
-    if len(data) > max_bytes:
-        raise ProtocolError(f"tensor dict: {len(data)} bytes exceeds max_bytes {max_bytes}")
+def unpack_bounded(data: bytes, what: str, *, max_str_len: int, max_array_len: int, max_map_len: int) -> Any:
+    """msgpack with every container length capped (never more than the input size), so a header
+    cannot ask for more memory than the bytes we hold; any failure is a ``ProtocolError``."""
     try:
-        # Container lengths can never exceed the input size; cap them so a header cannot ask for more.
-        obj = msgpack.unpackb(
+        return msgpack.unpackb(
             data,
             raw=False,
             strict_map_key=True,
             max_bin_len=len(data),
-            max_str_len=_MAX_NAME * 4,
-            max_array_len=len(data),
-            max_map_len=8,
+            max_str_len=max_str_len,
+            max_array_len=min(max_array_len, len(data)),
+            max_map_len=max_map_len,
             max_ext_len=0,
         )
     except Exception as exc:  # msgpack raises many types (ValueError, ExtraData, FormatError, ...)
-        raise ProtocolError(f"tensor dict: not valid msgpack ({type(exc).__name__})") from None
+        raise ProtocolError(f"{what}: not valid msgpack ({type(exc).__name__})") from None
+
+
+def decode_tensor_dict(data: bytes, *, max_bytes: int) -> dict[str, Tensor]:
+    if len(data) > max_bytes:
+        raise ProtocolError(f"tensor dict: {len(data)} bytes exceeds max_bytes {max_bytes}")
+    obj = unpack_bounded(
+        data, "tensor dict", max_str_len=_MAX_NAME * 4, max_array_len=len(data), max_map_len=8
+    )
     if not isinstance(obj, dict) or obj.get("v") != 1 or not isinstance(obj.get("t"), list):
         raise ProtocolError("tensor dict: expected {'v': 1, 't': [...]}")
     out: dict[str, Tensor] = {}

@@ -31,19 +31,9 @@ def decode_state(blob: bytes, *, max_bytes: int) -> dict[str, Any]:
     """Tensors and scalars in one dict; ``ProtocolError`` for anything malformed."""
     if len(blob) > max_bytes:
         raise ProtocolError(f"state blob: {len(blob)} bytes, over the limit of {max_bytes}")
-    try:
-        obj = msgpack.unpackb(
-            blob,
-            raw=False,
-            strict_map_key=True,
-            max_bin_len=len(blob),
-            max_str_len=_MAX_KEY * 4,
-            max_array_len=_MAX_SCALARS,
-            max_map_len=_MAX_SCALARS,
-            max_ext_len=0,
-        )
-    except Exception as exc:  # msgpack raises many types
-        raise ProtocolError(f"state blob: not valid msgpack ({type(exc).__name__})") from None
+    obj = quant.unpack_bounded(
+        blob, "state blob", max_str_len=_MAX_KEY * 4, max_array_len=_MAX_SCALARS, max_map_len=_MAX_SCALARS
+    )
     if (
         not isinstance(obj, dict)
         or obj.get("v") != 1
