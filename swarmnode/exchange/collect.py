@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +30,7 @@ async def collect_round(
     inbox: Inbox,
     *,
     expected: Callable[[], list[str]],
-    fetch: Callable[[Any], Awaitable[Contribution | None]],
+    fetch: Callable[[Any], Coroutine[Any, Any, Contribution | None]],
     deadline: float,
     clock: Callable[[], float],
 ) -> dict[str, Contribution]:
