@@ -56,6 +56,8 @@ class SwarmPlan:
     # however far apart their step counts drift; merge_every is then unused)
     round_seconds: float = 0.0
     node_args: list[str] = field(default_factory=list)
+    # One rollout engine per node ("hf" or "vllm"), or empty: every node on the `run` default.
+    engines: list[str] = field(default_factory=list)
     start_timeout_s: float = 120.0
     # After --duration, nodes get this long to finish their step and exit before being stopped.
     overrun_s: float = 60.0
@@ -71,6 +73,10 @@ class SwarmPlan:
             raise ValueError(f"duration must be >= 0, got {self.duration_s}")
         if self.steps == 0 and self.duration_s == 0:
             raise ValueError("give --steps or --duration (or neither, for the default demo)")
+        if self.engines and len(self.engines) != self.nodes:
+            raise ValueError(f"engines must name one engine per node ({self.nodes}), got {self.engines}")
+        if any(e not in ("hf", "vllm") for e in self.engines):
+            raise ValueError(f"engines must each be 'hf' or 'vllm', got {self.engines}")
 
 
 @dataclass(slots=True)
@@ -134,6 +140,8 @@ def _node_command(plan: SwarmPlan, index: int, data_dir: Path, bootstrap: str) -
         cmd += ["--duration", str(plan.duration_s)]
     if bootstrap:
         cmd += ["--bootstrap", bootstrap]
+    if plan.engines:
+        cmd += ["--engine", plan.engines[index]]
     # Different sampling seeds per node: identical nodes would generate identical rollouts.
     cmd += ["--seed", str(index)]
     if plan.round_seconds:
@@ -321,6 +329,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--merge-every", type=int, default=0, help="DiLoCo rounds of this many steps instead of seconds"
     )
     parser.add_argument(
+        "--engines",
+        default="",
+        help="comma-separated rollout engine per node, e.g. vllm,hf,hf (default: hf on every node); "
+        "with vllm and no --model, the tiny model is built with a head size vLLM's CPU build accepts",
+    )
+    parser.add_argument(
         "node_args", nargs=argparse.REMAINDER, help="after --: extra flags passed to every `swarmnode run`"
     )
 
@@ -331,8 +345,13 @@ def main(args: argparse.Namespace) -> int:
         # The default CPU demo: a time budget rather than a step count, since the processes share the
         # cores; the tiny model needs a few hundred GRPO steps before held-out accuracy moves.
         duration = 240.0
+    engines = [e.strip() for e in args.engines.split(",")] if args.engines else []
     model = args.model
-    if not model:
+    if not model and "vllm" in engines:
+        from swarmnode.tinymodel import build_vllm_tiny_policy
+
+        model = str(build_vllm_tiny_policy(Path(args.out) / "tiny-model-vllm", family=TINY_FAMILY))
+    elif not model:
         from swarmnode.tinymodel import build_tiny_policy
 
         model = str(build_tiny_policy(Path(args.out) / "tiny-model", family=TINY_FAMILY))
@@ -346,6 +365,7 @@ def main(args: argparse.Namespace) -> int:
             model=model,
             swarm=args.swarm,
             node_args=extra,
+            engines=engines,
             merge_every=args.merge_every,
             round_seconds=0.0 if args.merge_every else args.round_seconds,  # --merge-every wins
         )

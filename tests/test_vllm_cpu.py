@@ -183,3 +183,42 @@ def test_prefix_cache_is_reset_after_a_push(engine, policy):
 def test_unknown_tensor_name_is_a_key_error(engine):
     with pytest.raises(KeyError, match="no tensor named"):
         engine.update_weights([("nope", torch.zeros(1))])
+
+
+# Small rollouts so a mixed swarm of three processes on two shared cores takes well under a minute.
+SWARM_ARGS = [
+    *("--group-size", "4", "--local-groups", "2", "--external-groups", "2"),
+    *("--max-new-tokens", "6", "--eval-every", "100", "--collect-seconds", "8"),
+]
+
+
+def test_engines_plan_names_one_engine_per_node():
+    from swarmnode.localswarm import SwarmPlan
+
+    with pytest.raises(ValueError, match="one engine per node"):
+        SwarmPlan(nodes=3, steps=1, engines=["vllm", "hf"])
+    with pytest.raises(ValueError, match="'hf' or 'vllm'"):
+        SwarmPlan(nodes=2, steps=1, engines=["vllm", "sglang"])
+
+
+@pytest.mark.slow
+def test_a_vllm_node_trains_shares_and_merges_with_hf_nodes(tmp_path, vllm_model_dir):
+    from swarmnode.localswarm import SwarmPlan, read_metrics, run_swarm
+
+    plan = SwarmPlan(
+        nodes=3,
+        steps=6,
+        merge_every=2,
+        out=tmp_path,
+        model=str(vllm_model_dir),
+        engines=["vllm", "hf", "hf"],
+        node_args=SWARM_ARGS,
+    )
+    nodes = run_swarm(plan, live=False)["nodes"]
+    assert all(n["exit_code"] == 0 for n in nodes), nodes
+    assert "Initializing a V1 LLM engine" in (tmp_path / "node0" / "node.log").read_text()
+    assert all(n["merges"] >= 3 for n in nodes), nodes
+    assert len({n["anchor_hash"] for n in nodes}) == 1, "replicas agree after each merge"
+    # Same cohort: the vLLM node's rollouts were verified and trained on by the HF nodes, and back.
+    assert all(n["external_groups"] > 0 for n in nodes), nodes
+    assert read_metrics(tmp_path / "node0" / "metrics.jsonl")
