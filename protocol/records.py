@@ -154,10 +154,24 @@ class TensorComponents:
     chunk_numel: int = field(metadata=rules(min=1, max=limits.MAX_CHUNK_NUMEL))
     value_codec: Literal["int8", "sign"]
     payload: bytes = field(metadata=rules(max_len=limits.MAX_GOSSIP_BYTES))
+    # A tensor too large for one message travels as parts: chunks [chunk_start, chunk_start +
+    # part_chunks) of its n_chunks (part_chunks 0: all of them), each part decodable on its own.
+    chunk_start: int = field(default=0, metadata=rules(**COUNT))
+    part_chunks: int = field(default=0, metadata=rules(**COUNT))
+
+    @property
+    def rows(self) -> int:
+        """How many chunks this record's payload covers."""
+        return self.part_chunks or self.n_chunks
 
     def _problems(self) -> Iterator[str]:
         if self.k > self.chunk_numel:
             yield f"k: expected at most chunk_numel={self.chunk_numel}, got {self.k}"
+        if self.chunk_start + self.rows > self.n_chunks:
+            yield (
+                f"chunk_start: chunks [{self.chunk_start}, {self.chunk_start + self.rows}) "
+                f"exceed the tensor's {self.n_chunks}"
+            )
         numel = math.prod(self.shape)
         if self.n_chunks * self.chunk_numel < numel:
             yield (

@@ -150,18 +150,20 @@ def trimmed_mean(contributions: Sequence[Contribution], *, trim: float = 0.1) ->
 
 
 def aggregate_components(
-    own: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
-    peers: Sequence[Mapping[str, tuple[torch.Tensor, torch.Tensor]]],
+    own: Mapping[str, tuple[torch.Tensor, ...]],
+    peers: Sequence[Mapping[str, tuple[torch.Tensor, ...]]],
     *,
     n_chunks: Mapping[str, int],
     chunk_numel: Mapping[str, int],
 ) -> dict[str, torch.Tensor]:
     """DeMo aggregation to dense ``[n_chunks, chunk_numel]`` coefficients per tensor.
 
-    ``idx``/``vals`` are ``[n_chunks, k]`` (top-k coefficient positions within each chunk and their
-    values). Each coefficient is averaged over the contributors that selected it, not over all of
-    them, so a component only one peer found is not diluted to noise. Peers whose entry for a tensor
-    has the wrong shape or out-of-range indices are skipped for that tensor.
+    An entry is ``(idx, vals)`` over all chunks, or ``(idx, vals, start)`` over chunks
+    ``[start, start + len(idx))`` (one part of a tensor sent in several messages): ``idx``/``vals``
+    are ``[rows, k]`` (top-k coefficient positions within each chunk and their values). Each
+    coefficient is averaged over the contributors that selected it, not over all of them, so a
+    component only one peer found is not diluted to noise. Entries with the wrong shape, chunk range
+    or out-of-range indices, or non-finite values, are skipped for that tensor.
     """
     out: dict[str, torch.Tensor] = {}
     for name in own:
@@ -171,17 +173,22 @@ def aggregate_components(
         for comp in [own, *peers]:
             if name not in comp:
                 continue
-            idx, vals = comp[name]
-            if idx.shape != vals.shape or idx.dim() != 2 or idx.shape[0] != nc:
+            entry = comp[name]
+            idx, vals = entry[0], entry[1]
+            start = int(entry[2]) if len(entry) > 2 else 0
+            if idx.shape != vals.shape or idx.dim() != 2 or start < 0 or start + idx.shape[0] > nc:
                 continue
-            idx = idx.to(torch.int64)
+            if len(entry) == 2 and idx.shape[0] != nc:
+                continue
+            idx = idx.to(torch.int64).cpu()
             if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= cn):
                 continue
             v = vals.detach().to(dtype=torch.float32, device="cpu")
             if not bool(torch.isfinite(v).all()):
                 continue
-            total.scatter_add_(1, idx.cpu(), v)
-            count.scatter_add_(1, idx.cpu(), torch.ones_like(v))
+            rows = slice(start, start + idx.shape[0])
+            total[rows].scatter_add_(1, idx, v)
+            count[rows].scatter_add_(1, idx, torch.ones_like(v))
         out[name] = torch.where(count > 0, total / count.clamp_min(1.0), total)
     return out
 

@@ -133,11 +133,12 @@ def test_demo_components_round_trip_through_the_wire() -> None:
         t = demo.transforms[name]
         return tuple(demo._by_name[name].shape), t.n_chunks, t.chunk_numel
 
-    data = encode_demo(PEER, FP, 4, own, spec, "int8")
+    (data,) = encode_demo(PEER, FP, 4, own, spec, "int8")  # small: one message
     record = codec.decode(data)
     assert record.step == 4
-    back = decode_demo(record, spec)
+    back = {name: piece for name, piece in decode_demo(record, spec)}
     for name, (idx, vals) in own.items():
+        assert back[name][2] == 0  # the whole tensor
         assert torch.equal(back[name][0].long().sort(dim=-1).values, idx.long().sort(dim=-1).values)
         assert (
             back[name][1].float().abs().sum() - vals.float().abs().sum()
@@ -147,3 +148,54 @@ def test_demo_components_round_trip_through_the_wire() -> None:
     assert not torch.equal(before, model.weight)
     with pytest.raises(ProtocolError, match="chunking"):
         decode_demo(record, lambda name: ((1, 1), 1, 1))
+
+
+def test_large_demo_components_travel_as_several_messages_each_decodable_alone() -> None:
+    """A tensor whose components exceed one message is split into chunk ranges; aggregating the
+    parts gives exactly what the whole tensor's components give, and any subset still applies."""
+    from swarmnode.aggregate import aggregate_components
+    from swarmnode.optim.demo import DeMo
+
+    torch.manual_seed(1)
+    model = torch.nn.Linear(512, 384)  # 48 chunks of 64x64 with k=32
+    demo = DeMo(model.named_parameters(), k=32)
+    model(torch.randn(8, 512)).pow(2).sum().backward()
+    own = demo.compute_components()
+
+    def spec(name: str) -> tuple[tuple[int, ...], int, int]:
+        t = demo.transforms[name]
+        return tuple(demo._by_name[name].shape), t.n_chunks, t.chunk_numel
+
+    budget = 1200
+    messages = encode_demo(PEER, FP, 7, own, spec, "int8", budget=budget)
+    assert len(messages) > 3
+    assert all(len(m) <= budget + 512 for m in messages)
+    pieces = [p for m in messages for p in decode_demo(codec.decode(m), spec)]
+    starts = sorted(p[2] for name, p in pieces if name == "weight")
+    assert len(starts) > 1 and starts[0] == 0  # the weight went in parts
+    geometry = {n: demo.transforms[n] for n in own}
+    kw = {
+        "n_chunks": {n: t.n_chunks for n, t in geometry.items()},
+        "chunk_numel": {n: t.chunk_numel for n, t in geometry.items()},
+    }
+    whole = aggregate_components(
+        {n: (torch.zeros(t.n_chunks, 0), torch.zeros(t.n_chunks, 0)) for n, t in geometry.items()},
+        [own],
+        **kw,
+    )
+    parted = aggregate_components(
+        {n: (torch.zeros(t.n_chunks, 0), torch.zeros(t.n_chunks, 0)) for n, t in geometry.items()},
+        [{name: piece} for name, piece in pieces],
+        **kw,
+    )
+    for n in own:
+        assert torch.allclose(whole[n], parted[n], atol=0.02 * float(whole[n].abs().max()))
+    # only one message with a part of the weight arrived: its chunks vote, the rest gets no vote
+    decoded = [decode_demo(codec.decode(m), spec) for m in messages]
+    first = next(d for d in decoded if any(name == "weight" for name, _ in d))
+    partial = aggregate_components(
+        {n: (torch.zeros(t.n_chunks, 0), torch.zeros(t.n_chunks, 0)) for n, t in geometry.items()},
+        [{name: piece} for name, piece in first],
+        **kw,
+    )
+    assert 0 < int((partial["weight"] != 0).sum()) < int((whole["weight"] != 0).sum())

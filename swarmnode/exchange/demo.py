@@ -2,7 +2,9 @@
 
 The trainer steps ``DemoExchange.optimizer`` like any optimizer, in its worker thread. Each step
 computes our components (momentum, DCT, top-k, error feedback), hands them to the event loop to
-publish (a newer step supersedes an unsent older one), and applies the aggregate of our own and each
+publish as one or more messages under the gossip limit (tensors packed greedily; a tensor too large
+for one message goes as chunk ranges, each decodable alone; a newer step supersedes an unsent
+older one), and applies the aggregate of our own and each
 peer's newest components that arrived since our previous step (the inbox is emptied every step, so
 whatever is in it is fresh, whatever the peer's step counter says: with wall-clock rounds counters
 drift apart without bound). ``max_lag`` (off by default) also drops components whose step number is
@@ -23,11 +25,13 @@ from typing import Any
 
 from swarmnode.compression.components import decode_components, encode_components
 from swarmnode.exchange.base import BaseExchange, Host, Traffic, receive_loop
-from swarmnode.protocol import DemoComponents, ProtocolError, TensorComponents, codec, topics
+from swarmnode.protocol import DemoComponents, ProtocolError, TensorComponents, codec, limits, topics
 
 log = logging.getLogger(__name__)
 
 # name -> (shape, n_chunks, chunk_numel) of our DeMo transform; peers' components must match it.
+# Per peer and step, component dicts kept at most (a split tensor needs one per part).
+MAX_PIECE_GROUPS = 256
 Spec = Callable[[str], tuple[tuple[int, ...], int, int]]
 
 
@@ -43,30 +47,79 @@ class DemoGossipConfig:
             raise ValueError(f"window_s must be >= 0, got {self.window_s}")
 
 
+# Room for the record's fields around the payloads: every message stays under the gossip limit.
+MESSAGE_BUDGET = limits.MAX_GOSSIP_BYTES - 16 * 1024
+_RECORD_OVERHEAD = 256
+
+Piece = tuple[Any, Any, int]  # (idx [rows, k], vals [rows, k], first chunk)
+
+
+def _tensor_parts(
+    name: str, idx: Any, vals: Any, geometry: tuple[tuple[int, ...], int, int], value_codec: str, budget: int
+) -> list[TensorComponents]:
+    """One record for the tensor, or as many chunk-range parts as it takes to fit ``budget`` each."""
+    shape, n_chunks, chunk_numel = geometry
+    parts = 1
+    while True:
+        rows = -(-n_chunks // parts)
+        out = []
+        for start in range(0, n_chunks, rows):
+            end = min(n_chunks, start + rows)
+            payload = encode_components(
+                idx[start:end], vals[start:end], chunk_numel=chunk_numel, value_codec=value_codec
+            )
+            out.append(
+                TensorComponents(
+                    name=name,
+                    shape=tuple(shape),
+                    n_chunks=n_chunks,
+                    k=int(idx.shape[-1]),
+                    chunk_numel=chunk_numel,
+                    value_codec=value_codec,  # type: ignore[arg-type]
+                    payload=bytes(payload),
+                    chunk_start=start if parts > 1 else 0,
+                    part_chunks=end - start if parts > 1 else 0,
+                )
+            )
+        if all(len(t.payload) + _RECORD_OVERHEAD <= budget for t in out) or rows == 1:
+            return out
+        biggest = max(len(t.payload) for t in out)
+        parts = max(parts + 1, -(-parts * biggest // int(budget * 0.9)))
+
+
 def encode_demo(
-    author: str, cohort: str, step: int, components: dict[str, Any], spec: Spec, value_codec: str
-) -> bytes:
-    tensors = []
+    author: str,
+    cohort: str,
+    step: int,
+    components: dict[str, Any],
+    spec: Spec,
+    value_codec: str,
+    budget: int = MESSAGE_BUDGET,
+) -> list[bytes]:
+    """This step's components as messages under ``budget`` bytes each, every one decodable alone:
+    tensors packed greedily, a tensor too large for one message split into chunk ranges."""
+    records: list[TensorComponents] = []
     for name in sorted(components):
         idx, vals = components[name]
-        shape, n_chunks, chunk_numel = spec(name)
-        payload = encode_components(idx, vals, chunk_numel=chunk_numel, value_codec=value_codec)
-        tensors.append(
-            TensorComponents(
-                name=name,
-                shape=tuple(shape),
-                n_chunks=n_chunks,
-                k=int(idx.shape[-1]),
-                chunk_numel=chunk_numel,
-                value_codec=value_codec,  # type: ignore[arg-type]
-                payload=bytes(payload),
-            )
-        )
-    return codec.encode(DemoComponents(author=author, cohort=cohort, step=step, lr=0.0, tensors=tensors))
+        records += _tensor_parts(name, idx, vals, spec(name), value_codec, budget)
+    batches: list[list[TensorComponents]] = []
+    size = 0
+    for rec in records:
+        est = len(rec.payload) + _RECORD_OVERHEAD + len(rec.name)
+        if not batches or size + est > budget or len(batches[-1]) >= limits.MAX_TENSORS_PER_MESSAGE:
+            batches.append([])
+            size = 0
+        batches[-1].append(rec)
+        size += est
+    return [
+        codec.encode(DemoComponents(author=author, cohort=cohort, step=step, lr=0.0, tensors=batch))
+        for batch in batches
+    ]
 
 
-def decode_demo(record: DemoComponents, spec: Spec) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+def decode_demo(record: DemoComponents, spec: Spec) -> list[tuple[str, Piece]]:
+    """(tensor name, (idx, vals, first chunk)) for each record in the message."""
+    out: list[tuple[str, Piece]] = []
     for t in record.tensors:
         try:
             shape, n_chunks, chunk_numel = spec(t.name)
@@ -74,9 +127,10 @@ def decode_demo(record: DemoComponents, spec: Spec) -> dict[str, Any]:
             raise ProtocolError(f"DeMo components: unknown tensor {t.name!r}") from None
         if tuple(t.shape) != tuple(shape) or t.n_chunks != n_chunks or t.chunk_numel != chunk_numel:
             raise ProtocolError(f"DeMo components: tensor {t.name!r} chunking differs from ours")
-        out[t.name] = decode_components(
-            t.payload, n_chunks=n_chunks, k=t.k, chunk_numel=chunk_numel, value_codec=t.value_codec
+        idx, vals = decode_components(
+            t.payload, n_chunks=t.rows, k=t.k, chunk_numel=chunk_numel, value_codec=t.value_codec
         )
+        out.append((t.name, (idx, vals, int(t.chunk_start))))
     return out
 
 
@@ -113,6 +167,8 @@ class DemoExchange(BaseExchange):
         self.blocked_s = 0.0
         self.used = 0
         self.send_failures = 0
+        self.last_messages = 0  # messages and bytes of the last step sent
+        self.last_bytes = 0
         self.last_send_error = ""
         self._inbox: dict[str, tuple[int, Any]] = {}
         self._cond = threading.Condition()
@@ -135,24 +191,38 @@ class DemoExchange(BaseExchange):
             raise ValueError("DeMo components from another author or cohort")
         self.receive(origin, int(record.step), decode_demo(record, self.spec))
 
-    def receive(self, peer: str, step: int, components: Any) -> None:
-        """Newest per peer wins."""
+    def receive(self, peer: str, step: int, pieces: list[tuple[str, Any]]) -> None:
+        """Pieces of a peer's step: a newer step replaces what it sent before, parts of the same step
+        add up (each part of a split tensor is a contribution over its own chunk range)."""
         with self._cond:
             old = self._inbox.get(peer)
-            if old is None or step >= old[0]:
-                self._inbox[peer] = (step, components)
-                self._cond.notify_all()
+            if old is not None and step < old[0]:
+                return
+            groups: list[dict[str, Any]] = old[1] if old is not None and old[0] == step else []
+            for name, piece in pieces:
+                target = next((g for g in groups if name not in g), None)
+                if target is None:
+                    if len(groups) >= MAX_PIECE_GROUPS:
+                        continue
+                    target = {}
+                    groups.append(target)
+                target[name] = piece
+            self._inbox[peer] = (step, groups)
+            self._cond.notify_all()
 
     async def _publisher(self) -> None:
         assert self._out is not None
         while True:
             step, components = await self._out.get()
             try:
-                data = await asyncio.to_thread(
+                messages = await asyncio.to_thread(
                     encode_demo, self.me, self.cohort, step, components, self.spec, self.config.value_codec
                 )
-                await self.host.publish(self.topic, data)
-                self.traffic.bytes_sent += len(data)
+                for data in messages:
+                    await self.host.publish(self.topic, data)
+                    self.traffic.bytes_sent += len(data)
+                self.last_messages = len(messages)
+                self.last_bytes = sum(len(m) for m in messages)
             except Exception as exc:  # e.g. over the gossip limit: counted and shown in every metrics row
                 self.send_failures += 1
                 self.last_send_error = str(exc)[:200]
@@ -173,11 +243,12 @@ class DemoExchange(BaseExchange):
 
     # -- trainer thread side ----------------------------------------------------------------------
 
-    def _take(self) -> list[Any]:
+    def _take(self) -> tuple[int, list[Any]]:
+        """(peers, their component dicts) that arrived since our previous step."""
         lag = self.config.max_lag
-        fresh = [c for s, c in self._inbox.values() if lag is None or abs(s - self.step_no) <= lag]
+        fresh = [g for s, g in self._inbox.values() if lag is None or abs(s - self.step_no) <= lag]
         self._inbox.clear()
-        return fresh
+        return len(fresh), [d for groups in fresh for d in groups]
 
     def _step(self, demo: Any) -> None:
         own = demo.compute_components()
@@ -186,9 +257,9 @@ class DemoExchange(BaseExchange):
         with self._cond:
             if not self._inbox and self.config.window_s > 0:
                 self._cond.wait(self.config.window_s)
-            peers = self._take()
+            n_peers, peers = self._take()
         self.blocked_s += time.monotonic() - t0
-        self.used += len(peers)
+        self.used += n_peers
         demo.apply_components(peers)
         self.step_no += 1
 
@@ -196,6 +267,8 @@ class DemoExchange(BaseExchange):
         return {
             "demo_peers_used": self.used,
             "demo_send_failures": self.send_failures,
+            "demo_bytes_per_step": self.last_bytes,
+            "demo_messages_per_step": self.last_messages,
             "demo_last_send_error": self.last_send_error,
             "demo_blocked_s": round(self.blocked_s, 4),
             **self.traffic.as_dict("demo"),
