@@ -83,10 +83,20 @@ class NetworkSection:
     port: int = 0  # 0: any free port
     bootstrap: list[str] = field(default_factory=list)  # multiaddrs ending in /p2p/<peer id>
     target_peers: int = 8
+    expect_peers: int = 1  # cohort peers to hear before the first step (bounded by join_wait_s)
+    join_wait_s: float = 3.0  # longest wait for expect_peers before training alone
+    presence_interval_s: float = 2.0
+    peer_timeout_s: float = 15.0  # a peer not heard from for this long is no longer expected
+    max_blob_bytes: int = 256 * 1024 * 1024  # largest pseudo-gradient or state blob pulled from a peer
 
     def __post_init__(self) -> None:
         _range("port", self.port, 0, 65535)
         _range("target_peers", self.target_peers, 1, 1000)
+        _range("expect_peers", self.expect_peers, 0, 100_000)
+        _range("join_wait_s", self.join_wait_s, 0.0, 3600.0)
+        _range("presence_interval_s", self.presence_interval_s, 1e-3, 3600.0)
+        _range("peer_timeout_s", self.peer_timeout_s, 1e-3, 86_400.0)
+        _range("max_blob_bytes", self.max_blob_bytes, 1 << 20, 1 << 40)
         if not self.listen_host:
             raise ValueError("listen_host must be non-empty")
         for addr in self.bootstrap:
@@ -165,8 +175,10 @@ class DemoSection:
     use_dct: bool = True
     value_codec: Literal["int8", "sign", "fp16"] = "int8"
     gossip: bool = True
+    window_s: float = 0.0  # > 0: a step waits this long for peers' components when none arrived
 
     def __post_init__(self) -> None:
+        _range("window_s", self.window_s, 0.0, 60.0)
         _range("chunk", self.chunk, 2, 4096)
         _range("topk", self.topk, 1, self.chunk * self.chunk)
 
@@ -366,6 +378,11 @@ _FLAGS: list[tuple[str, str, dict[str, Any]]] = [
     ("--host", "network.listen_host", {"help": "listen address"}),
     ("--port", "network.port", {"type": int, "help": "TCP port (0: any free one)"}),
     ("--target-peers", "network.target_peers", {"type": int}),
+    ("--expect-peers", "network.expect_peers", {"type": int, "help": "cohort peers to hear before step 1"}),
+    ("--join-wait", "network.join_wait_s", {"type": float, "help": "longest wait for --expect-peers"}),
+    ("--presence-interval", "network.presence_interval_s", {"type": float}),
+    ("--peer-timeout", "network.peer_timeout_s", {"type": float}),
+    ("--max-blob-bytes", "network.max_blob_bytes", {"type": int}),
     ("--model", "model.model", {"help": "model dir, hub id or 'tiny'"}),
     ("--engine", "model.engine", {"choices": ["hf", "vllm"]}),
     ("--device", "model.device", {}),
@@ -391,6 +408,7 @@ _FLAGS: list[tuple[str, str, dict[str, Any]]] = [
     ("--dct", "demo.use_dct", {"action": argparse.BooleanOptionalAction}),
     ("--value-codec", "demo.value_codec", {"choices": ["int8", "sign", "fp16"]}),
     ("--gossip", "demo.gossip", {"action": argparse.BooleanOptionalAction}),
+    ("--demo-window", "demo.window_s", {"type": float}),
     ("--diloco", "diloco.enabled", {"action": argparse.BooleanOptionalAction}),
     ("--inner-steps", "diloco.inner_steps", {"type": int, "help": "H inner steps per round"}),
     ("--round-seconds", "diloco.round_seconds", {"type": float}),

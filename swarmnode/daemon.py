@@ -23,15 +23,6 @@ log = logging.getLogger("swarmnode.daemon")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
-    parser.add_argument(
-        "--expect-peers",
-        type=int,
-        default=1,
-        help="cohort peers to hear before the first step (local swarms)",
-    )
-    parser.add_argument(
-        "--join-wait", type=float, default=3.0, help="longest wait for --expect-peers before training alone"
-    )
 
 
 def main(args: argparse.Namespace) -> int:

@@ -38,4 +38,4 @@ def test_flags_win_over_file(tmp_path: Path) -> None:
     assert resolved.swarm.id == "from-file"
     assert resolved.train.steps == 7
     assert (resolved.network.listen_host, resolved.network.port) == ("127.0.0.1", 0)
-    assert args.expect_peers == 2
+    assert resolved.network.expect_peers == 2
