@@ -125,7 +125,13 @@ class DiLoCoExchange(BaseExchange):
         if rnd <= self.round:  # too late: that round is merged already
             return
         if rnd not in self._inboxes and len(self._inboxes) >= MAX_OPEN_ROUNDS:
-            raise ValueError(f"round {rnd}: already {MAX_OPEN_ROUNDS} rounds open")
+            # Keep the nearest rounds: claims for far-future rounds must not crowd out the next
+            # round's honest manifests (the round we are collecting is never evicted).
+            furthest = max(self._inboxes)
+            pending = self._pending.round if self._pending is not None else None
+            if rnd > furthest or furthest == pending:
+                raise ValueError(f"round {rnd}: already {MAX_OPEN_ROUNDS} rounds open")
+            del self._inboxes[furthest]
         inbox = self._inboxes.setdefault(rnd, Inbox())
         inbox.manifests[origin] = record
         inbox.arrived.set()
@@ -162,7 +168,11 @@ class DiLoCoExchange(BaseExchange):
         if pending is not None and pending.own is None and due[0] <= pending.round:
             return  # we observe this round: the cohort published it before we joined
         await self.drain()  # round r+1 ended before round r's collection did (bounded wait)
-        await self._publish(*due)
+        rnd, deadline = due
+        if self.clock_rounds is None:
+            # Step rounds: the window opens when we publish; that wait must not use up round r+1's.
+            deadline = self.clock() + self.config.collect_seconds
+        await self._publish(rnd, deadline)
 
     async def finish(self, stopped: bool) -> None:
         """Budget spent: merge the round in flight so every replica ends on the same anchor, then
@@ -290,7 +300,11 @@ class DiLoCoExchange(BaseExchange):
             del self._inboxes[old]
 
     def _outer_step(self, contributions: list[Contribution], pending: _Pending) -> None:
-        self.replica_distance = replica_spread([d for d, _ in contributions])
+        # A peer's blob of other names/shapes is screened out by the mean; keep it out of the spread
+        # too (stacking it with ours raises, which would end the node).
+        shapes = self.diloco.shapes()
+        same = [d for d, _ in contributions if {n: tuple(t.shape) for n, t in d.items()} == shapes]
+        self.replica_distance = replica_spread(same)
         if self.aggregate is not None:
             avg = self.aggregate(contributions)
         else:  # our model defines the expected names/shapes: a peer's mismatching blob is dropped
