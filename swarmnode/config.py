@@ -3,13 +3,14 @@
 Layout of the TOML file (every key optional; unknown keys are errors, so typos never pass silently)::
 
     [swarm]      id, genesis
-    [network]    data_dir, listen_host, port, bootstrap, target_peers
+    [network]    data_dir, listen_host, port, bootstrap, target_peers, expect_peers, join_wait_s,
+                 presence_interval_s, peer_timeout_s, max_blob_bytes
     [model]      model, engine, device, dtype
     [task]       family, seed
     [train]      optimizer, steps, duration_s, eval_every, eval_prompts, group_size, local_groups,
                  external_groups, lr, max_new_tokens, temperature, staleness_steps,
                  external_prefer, share_rollouts
-    [demo]       topk, chunk, use_dct, value_codec, gossip
+    [demo]       topk, chunk, use_dct, value_codec, gossip, window_s
     [diloco]     enabled, inner_steps, round_seconds, outer_lr, momentum, collect_seconds
     [checkpoint] every, keep
     [telemetry]  metrics, mqtt
@@ -18,6 +19,9 @@ Each section validates itself in ``__post_init__`` (ValueError naming the field 
 range); ``load_config`` turns that into ``ConfigError`` naming the file and the ``section.key``.
 Optional values (``swarm.genesis``, ``train.steps``, ``telemetry.mqtt``...) are unset by leaving them
 out; TOML has no null, so the string ``"none"`` also unsets them.
+
+Every default lives in the section dataclasses below and nowhere else: the flags default to "not
+given", and ``--help`` shows the dataclass defaults.
 """
 
 from __future__ import annotations
@@ -33,7 +37,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from swarmnode.protocol.records import SWARM_RE
+
 __all__ = [
+    "SETTING_FLAGS",
+    "SWARM_ID_RE",
     "CheckpointSection",
     "ConfigError",
     "DemoSection",
@@ -46,6 +54,7 @@ __all__ = [
     "TelemetrySection",
     "TrainSection",
     "add_config_arguments",
+    "check_swarm_id",
     "config_from_args",
     "load_config",
 ]
@@ -64,14 +73,24 @@ def _range(name: str, value: float, lo: float | None = None, hi: float | None = 
         raise ValueError(f"{name} must be in [{lo_s}, {hi_s}], got {value!r}")
 
 
+# The swarm id goes into every topic and record, so its rule is the wire protocol's; defined there once.
+SWARM_ID_RE = SWARM_RE
+
+
+def check_swarm_id(value: str, name: str = "id") -> str:
+    """``value`` if it is a valid swarm id, else ``ValueError`` naming the field ``name``."""
+    if not isinstance(value, str) or SWARM_ID_RE.fullmatch(value) is None:
+        raise ValueError(f"{name} must be 1-64 characters from a-z, 0-9 and '-', got {value!r}")
+    return value
+
+
 @dataclass(kw_only=True, slots=True)
 class SwarmSection:
     id: str = "default"  # topic namespace; shared by every member
     genesis: float | None = None  # unix time of round 0; None: derived from the id (rounds.py)
 
     def __post_init__(self) -> None:
-        if not re.fullmatch(r"[a-z0-9-]{1,64}", self.id):
-            raise ValueError(f"id must be 1-64 characters from a-z, 0-9 and '-', got {self.id!r}")
+        check_swarm_id(self.id)
         if self.genesis is not None:
             _range("genesis", self.genesis, 0.0)
 
@@ -96,6 +115,12 @@ class NetworkSection:
         _range("join_wait_s", self.join_wait_s, 0.0, 3600.0)
         _range("presence_interval_s", self.presence_interval_s, 1e-3, 3600.0)
         _range("peer_timeout_s", self.peer_timeout_s, 1e-3, 86_400.0)
+        if self.peer_timeout_s <= self.presence_interval_s:
+            # every peer would count as gone between two of its own presences
+            raise ValueError(
+                f"peer_timeout_s must be > presence_interval_s ({self.presence_interval_s}), "
+                f"got {self.peer_timeout_s}"
+            )
         _range("max_blob_bytes", self.max_blob_bytes, 1 << 20, 1 << 40)
         if not self.listen_host:
             raise ValueError("listen_host must be non-empty")
@@ -173,7 +198,7 @@ class DemoSection:
     topk: int = 32
     chunk: int = 64
     use_dct: bool = True
-    value_codec: Literal["int8", "sign", "fp16"] = "int8"
+    value_codec: Literal["int8", "sign"] = "int8"  # the codecs compression/values.py implements
     gossip: bool = True
     window_s: float = 0.0  # > 0: a step waits this long for peers' components when none arrived
 
@@ -221,7 +246,14 @@ class TelemetrySection:
     mqtt: str | None = None  # mqtt://host:port/prefix; None: telemetry off (NullSink)
 
     def __post_init__(self) -> None:
-        if self.mqtt is not None and not re.fullmatch(r"mqtts?://[^/:]+(:\d+)?(/.*)?", self.mqtt):
+        if self.mqtt is None:
+            return
+        if self.mqtt.startswith("mqtts://"):
+            raise ValueError(
+                f"mqtt: TLS (mqtts://) is not implemented, got {self.mqtt!r}; use mqtt://host:port/prefix "
+                "to a broker on a trusted network, or through a local TLS tunnel"
+            )
+        if not re.fullmatch(r"mqtt://[^/:]+(:\d+)?(/.*)?", self.mqtt):
             raise ValueError(f"mqtt must look like mqtt://host:port/prefix, got {self.mqtt!r}")
 
 
@@ -370,71 +402,172 @@ def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> N
 
 # -- command line -------------------------------------------------------------------------------
 
-# flag -> (setting, argparse options). Flags default to None so only the ones given override the file.
-_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
-    ("--swarm", "swarm.id", {"help": "swarm id (topic namespace)"}),
-    ("--genesis", "swarm.genesis", {"type": float, "help": "unix time of round 0"}),
-    ("--data-dir", "network.data_dir", {"help": "identity, checkpoints, metrics"}),
-    ("--host", "network.listen_host", {"help": "listen address"}),
-    ("--port", "network.port", {"type": int, "help": "TCP port (0: any free one)"}),
-    ("--target-peers", "network.target_peers", {"type": int}),
-    ("--expect-peers", "network.expect_peers", {"type": int, "help": "cohort peers to hear before step 1"}),
-    ("--join-wait", "network.join_wait_s", {"type": float, "help": "longest wait for --expect-peers"}),
-    ("--presence-interval", "network.presence_interval_s", {"type": float}),
-    ("--peer-timeout", "network.peer_timeout_s", {"type": float}),
-    ("--max-blob-bytes", "network.max_blob_bytes", {"type": int}),
-    ("--model", "model.model", {"help": "model dir, hub id or 'tiny'"}),
-    ("--engine", "model.engine", {"choices": ["hf", "vllm"]}),
-    ("--device", "model.device", {}),
-    ("--dtype", "model.dtype", {"choices": ["float32", "bfloat16", "float16"]}),
-    ("--family", "task.family", {"help": "task family"}),
-    ("--seed", "task.seed", {"type": int}),
-    ("--optimizer", "train.optimizer", {"choices": ["adamw", "demo"]}),
-    ("--steps", "train.steps", {"type": int, "help": "training steps (0: until stopped)"}),
-    ("--duration", "train.duration_s", {"type": float, "help": "seconds to run (0: no limit)"}),
-    ("--eval-every", "train.eval_every", {"type": int}),
-    ("--eval-prompts", "train.eval_prompts", {"type": int, "help": "held-out problems per evaluation"}),
-    ("--group-size", "train.group_size", {"type": int}),
-    ("--local-groups", "train.local_groups", {"type": int}),
-    ("--external-groups", "train.external_groups", {"type": int}),
-    ("--lr", "train.lr", {"type": float}),
-    ("--max-new-tokens", "train.max_new_tokens", {"type": int}),
-    ("--temperature", "train.temperature", {"type": float}),
-    ("--staleness-steps", "train.staleness_steps", {"type": int}),
-    ("--external-prefer", "train.external_prefer", {"choices": ["best", "fresh"]}),
-    ("--share-rollouts", "train.share_rollouts", {"action": argparse.BooleanOptionalAction}),
-    ("--topk", "demo.topk", {"type": int}),
-    ("--chunk", "demo.chunk", {"type": int}),
-    ("--dct", "demo.use_dct", {"action": argparse.BooleanOptionalAction}),
-    ("--value-codec", "demo.value_codec", {"choices": ["int8", "sign", "fp16"]}),
-    ("--gossip", "demo.gossip", {"action": argparse.BooleanOptionalAction}),
-    ("--demo-window", "demo.window_s", {"type": float}),
-    ("--diloco", "diloco.enabled", {"action": argparse.BooleanOptionalAction}),
-    ("--inner-steps", "diloco.inner_steps", {"type": int, "help": "H inner steps per round"}),
-    ("--round-seconds", "diloco.round_seconds", {"type": float}),
-    ("--outer-lr", "diloco.outer_lr", {"type": float}),
-    ("--outer-momentum", "diloco.momentum", {"type": float}),
-    ("--collect-seconds", "diloco.collect_seconds", {"type": float}),
-    ("--checkpoint-every", "checkpoint.every", {"type": int}),
-    ("--checkpoint-keep", "checkpoint.keep", {"type": int}),
-    ("--metrics", "telemetry.metrics", {"help": "metrics JSONL path"}),
-    ("--mqtt", "telemetry.mqtt", {"help": "mqtt://host:port/prefix ('none': off)"}),
+# (flag, setting, help, metavar). The type, the choices and the default shown by --help come from the
+# section dataclass, so a flag cannot drift from its setting. Every setting has a flag except
+# network.bootstrap (--bootstrap, repeatable) and the pair --listen sets.
+_FLAGS: list[tuple[str, str, str, str | None]] = [
+    ("--swarm", "swarm.id", "swarm id: the topic namespace every member shares", "ID"),
+    ("--genesis", "swarm.genesis", "unix time of round 0", "UNIX_TIME"),
+    ("--data-dir", "network.data_dir", "identity key, checkpoints and metrics", "DIR"),
+    ("--host", "network.listen_host", "listen address", "ADDR"),
+    ("--port", "network.port", "TCP port (0: any free one)", "PORT"),
+    ("--target-peers", "network.target_peers", "peers to stay connected to", "N"),
+    ("--expect-peers", "network.expect_peers", "cohort peers to hear before the first step", "N"),
+    (
+        "--join-wait",
+        "network.join_wait_s",
+        "longest wait for --expect-peers before training alone",
+        "SECONDS",
+    ),
+    (
+        "--presence-interval",
+        "network.presence_interval_s",
+        "seconds between presence announcements",
+        "SECONDS",
+    ),
+    (
+        "--peer-timeout",
+        "network.peer_timeout_s",
+        "a peer unheard this long is no longer waited for",
+        "SECONDS",
+    ),
+    (
+        "--max-blob-bytes",
+        "network.max_blob_bytes",
+        "largest pseudo-gradient or state blob from a peer",
+        "BYTES",
+    ),
+    ("--model", "model.model", "model dir, hub id (already cached) or 'tiny' (built locally)", "MODEL"),
+    ("--engine", "model.engine", "rollout engine", None),
+    ("--device", "model.device", "torch device, e.g. cpu or cuda:0", "DEVICE"),
+    ("--dtype", "model.dtype", "weights dtype", None),
+    ("--family", "task.family", "task family", "FAMILY"),
+    ("--seed", "task.seed", "problem and sampling seed", "N"),
+    ("--optimizer", "train.optimizer", "inner optimizer", None),
+    ("--steps", "train.steps", "training steps (0: until stopped)", "N"),
+    ("--duration", "train.duration_s", "seconds to run (0: no limit)", "SECONDS"),
+    ("--eval-every", "train.eval_every", "steps between held-out evaluations", "N"),
+    ("--eval-prompts", "train.eval_prompts", "held-out problems per evaluation", "N"),
+    ("--group-size", "train.group_size", "completions per problem (one GRPO group)", "N"),
+    ("--local-groups", "train.local_groups", "groups this node generates per step", "N"),
+    ("--external-groups", "train.external_groups", "verified peer groups a step takes at most", "N"),
+    ("--lr", "train.lr", "inner learning rate", "LR"),
+    ("--max-new-tokens", "train.max_new_tokens", "longest completion, in tokens", "N"),
+    ("--temperature", "train.temperature", "sampling temperature", "T"),
+    ("--staleness-steps", "train.staleness_steps", "oldest peer rollouts taken, in steps behind ours", "N"),
+    ("--external-prefer", "train.external_prefer", "which verified peer groups a step takes first", None),
+    ("--share-rollouts", "train.share_rollouts", "publish this node's rollouts to the swarm", None),
+    ("--topk", "demo.topk", "DeMo: components kept per chunk", "K"),
+    ("--chunk", "demo.chunk", "DeMo: chunk side (chunk x chunk for matrices)", "N"),
+    ("--dct", "demo.use_dct", "DeMo: DCT before the top-k", None),
+    ("--value-codec", "demo.value_codec", "DeMo: how component values are coded on the wire", None),
+    ("--gossip", "demo.gossip", "DeMo: exchange components with the cohort", None),
+    ("--demo-window", "demo.window_s", "DeMo: wait this long for peers' components (0: never)", "SECONDS"),
+    ("--diloco", "diloco.enabled", "DiLoCo outer rounds", None),
+    ("--inner-steps", "diloco.inner_steps", "H: inner steps per round", "H"),
+    ("--round-seconds", "diloco.round_seconds", "wall-clock rounds of this length instead of H", "SECONDS"),
+    ("--outer-lr", "diloco.outer_lr", "outer (Nesterov) learning rate", "LR"),
+    ("--outer-momentum", "diloco.momentum", "outer momentum", "M"),
+    ("--collect-seconds", "diloco.collect_seconds", "longest a round waits for pseudo-gradients", "SECONDS"),
+    ("--checkpoint-every", "checkpoint.every", "steps between checkpoints (0: none)", "N"),
+    ("--checkpoint-keep", "checkpoint.keep", "checkpoints kept on disk", "N"),
+    ("--metrics", "telemetry.metrics", "metrics JSONL path", "PATH"),
+    ("--mqtt", "telemetry.mqtt", "telemetry broker mqtt://host:port/prefix", "URL"),
 ]
+
+# What an unset optional setting means, shown by --help as its default; 'none' on the command line
+# (or leaving the key out of the file) unsets it.
+_UNSET: dict[str, str] = {
+    "swarm.genesis": "derived from the swarm id",
+    "model.dtype": "as the model loads",
+    "train.steps": "until stopped",
+    "train.duration_s": "no limit",
+    "diloco.round_seconds": "rounds of H steps",
+    "telemetry.metrics": "DIR/metrics.jsonl",
+    "telemetry.mqtt": "off",
+}
+
+# setting -> its flag, for messages and tests
+SETTING_FLAGS: dict[str, str] = {setting: flag for flag, setting, _, _ in _FLAGS} | {
+    "network.bootstrap": "--bootstrap"
+}
 
 
 def _dest(setting: str) -> str:
     return "cfg_" + setting.replace(".", "_")
 
 
+def _default(setting: str) -> tuple[Any, Any]:
+    """(type hint, default value) of a ``section.key`` setting, read off its dataclass."""
+    sec, name = setting.split(".")
+    cls = _SECTIONS[sec]
+    (f,) = [f for f in dataclasses.fields(cls) if f.name == name]
+    default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+    return _hints(cls)[name], default
+
+
+def _show(setting: str, value: Any) -> str:
+    if value is None:
+        return _UNSET[setting]
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, list):
+        return ", ".join(value) or "none"
+    return str(value)
+
+
+def _or_none(parse: Any) -> Any:
+    """``parse``, but 'none' passes through: it unsets an optional value the file set."""
+
+    def convert(text: str) -> Any:
+        return "none" if text.lower() == "none" else parse(text)
+
+    convert.__name__ = parse.__name__  # argparse names the type in its error message
+    return convert
+
+
+def _flag_options(setting: str, help_text: str, metavar: str | None) -> dict[str, Any]:
+    tp, default = _default(setting)
+    optional = isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union
+    if optional:
+        (tp,) = [a for a in typing.get_args(tp) if a is not type(None)]
+    opts: dict[str, Any] = {"help": f"{help_text} (default: {_show(setting, default)})".replace("%", "%%")}
+    if typing.get_origin(tp) is Literal:
+        opts["choices"] = list(typing.get_args(tp))  # shown as {a,b}: no metavar
+    elif tp is bool:
+        opts["action"] = argparse.BooleanOptionalAction
+    else:
+        if tp in (int, float):
+            opts["type"] = _or_none(tp) if optional else tp
+        # str and Path stay strings: load_config converts them, and 'none' unsets an optional one
+        assert metavar is not None, f"{setting} needs a metavar"
+        opts["metavar"] = metavar
+    return opts
+
+
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--config FILE`` plus one flag per commonly changed setting (flags win over the file)."""
-    parser.add_argument("--config", type=Path, default=None, help="TOML config file")
-    parser.add_argument(
-        "--listen", default=None, help="listen multiaddr, e.g. /ip4/127.0.0.1/tcp/0 (sets --host/--port)"
+    """``--config FILE`` plus one flag per setting, grouped by TOML section (flags win over the file).
+
+    Every flag defaults to None ("not given"), so only the flags given override the file."""
+    parser.add_argument("--config", type=Path, default=None, metavar="FILE", help="TOML config file")
+    groups = {sec: parser.add_argument_group(f"[{sec}]") for sec in _SECTIONS}
+    groups["network"].add_argument(
+        "--listen",
+        default=None,
+        metavar="MULTIADDR",
+        help="listen multiaddr /ip4/HOST/tcp/PORT (sets --host and --port)",
     )
-    parser.add_argument("--bootstrap", action="append", default=None, help="bootstrap multiaddr (repeatable)")
-    for flag, setting, opts in _FLAGS:
-        parser.add_argument(flag, dest=_dest(setting), default=None, **opts)
+    groups["network"].add_argument(
+        "--bootstrap",
+        action="append",
+        default=None,
+        metavar="MULTIADDR",
+        help="peer to join through, /ip4/.../tcp/.../p2p/PEER_ID (repeatable; default: none)",
+    )
+    for flag, setting, help_text, metavar in _FLAGS:
+        groups[setting.partition(".")[0]].add_argument(
+            flag, dest=_dest(setting), default=None, **_flag_options(setting, help_text, metavar)
+        )
 
 
 def _parse_listen(addr: str) -> tuple[str, int]:
@@ -452,7 +585,7 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         overrides["network.listen_host"], overrides["network.port"] = _parse_listen(listen)
     if getattr(args, "bootstrap", None):
         overrides["network.bootstrap"] = [a for a in args.bootstrap if a]
-    for _flag, setting, _opts in _FLAGS:
+    for _flag, setting, _help, _metavar in _FLAGS:
         value = getattr(args, _dest(setting), None)
         if value is None:
             continue

@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import typing
 from pathlib import Path
 
 import pytest
 
-from swarmnode.config import ConfigError, NodeConfig, add_config_arguments, config_from_args, load_config
+from swarmnode.config import (
+    SETTING_FLAGS,
+    SWARM_ID_RE,
+    ConfigError,
+    DemoSection,
+    NodeConfig,
+    add_config_arguments,
+    check_swarm_id,
+    config_from_args,
+    load_config,
+)
 
 TOML = """
 [swarm]
@@ -145,3 +157,106 @@ def test_bad_toml_and_missing_file(tmp_path: Path) -> None:
 
 def test_config_error_is_value_error() -> None:
     assert issubclass(ConfigError, ValueError)
+
+
+def test_flags_file_and_dataclasses_give_the_same_defaults(tmp_path: Path) -> None:
+    from swarmnode.cli import build_parser
+
+    args = build_parser(["run"]).parse_args(["run"])
+    from_cli = config_from_args(args)
+    from_file = load_config(_write(tmp_path, ""), {})
+    assert from_cli == from_file == load_config(None, {}) == NodeConfig()
+
+
+def test_flags_carry_no_defaults_of_their_own() -> None:
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    assert all(v is None for v in vars(parser.parse_args([])).values())
+
+
+def test_every_setting_is_a_flag() -> None:
+    cfg = NodeConfig()
+    settings = {
+        f"{sec.name}.{key.name}"
+        for sec in dataclasses.fields(cfg)
+        for key in dataclasses.fields(getattr(cfg, sec.name))
+    }
+    assert settings == set(SETTING_FLAGS)
+
+
+def test_network_and_demo_window_settings() -> None:
+    cfg = _parse(
+        [
+            "--expect-peers", "0", "--join-wait", "20", "--presence-interval", "0.5",
+            "--peer-timeout", "4", "--max-blob-bytes", str(1 << 30), "--demo-window", "1.5",
+        ]
+    )  # fmt: skip
+    net = cfg.network
+    assert (net.expect_peers, net.join_wait_s, net.presence_interval_s) == (0, 20.0, 0.5)
+    assert (net.peer_timeout_s, net.max_blob_bytes, cfg.demo.window_s) == (4.0, 1 << 30, 1.5)
+    defaults = NodeConfig()
+    assert (defaults.network.expect_peers, defaults.network.join_wait_s) == (1, 3.0)
+    assert (defaults.network.presence_interval_s, defaults.network.peer_timeout_s) == (2.0, 15.0)
+    assert (defaults.network.max_blob_bytes, defaults.demo.window_s) == (268435456, 0.0)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"network.expect_peers": -1}, r"network\.expect_peers must be in \[0, "),
+        ({"network.join_wait_s": -0.5}, r"network\.join_wait_s must be in \[0\.0, "),
+        ({"network.presence_interval_s": 0.0}, r"network\.presence_interval_s must be in \[0\.001, "),
+        ({"network.peer_timeout_s": 0.0}, r"network\.peer_timeout_s must be in \[0\.001, "),
+        (
+            {"network.presence_interval_s": 5.0, "network.peer_timeout_s": 5.0},
+            r"network\.peer_timeout_s must be > presence_interval_s \(5\.0\), got 5\.0",
+        ),
+        ({"network.max_blob_bytes": 1000}, r"network\.max_blob_bytes must be in \[1048576, "),
+        ({"demo.window_s": -1.0}, r"demo\.window_s must be in \[0\.0, "),
+    ],
+)
+def test_new_settings_reject_out_of_range_values(overrides: dict[str, float], message: str) -> None:
+    with pytest.raises(ConfigError, match="command line: " + message):
+        load_config(None, overrides)
+
+
+def test_value_codecs_are_the_ones_that_exist(tmp_path: Path) -> None:
+    from swarmnode.compression.values import CODECS
+
+    assert typing.get_args(typing.get_type_hints(DemoSection)["value_codec"]) == CODECS
+    path = _write(tmp_path, '[demo]\nvalue_codec = "fp16"\n')
+    with pytest.raises(ConfigError, match=r"node\.toml: demo\.value_codec must be one of 'int8', 'sign'"):
+        load_config(path, {})
+    with pytest.raises(SystemExit):
+        _parse(["--value-codec", "fp16"])
+
+
+def test_mqtts_is_rejected_until_tls_exists(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"telemetry\.mqtt: TLS \(mqtts://\) is not implemented"):
+        _parse(["--mqtt", "mqtts://broker.example:8883/swarmnode"])
+    path = _write(tmp_path, '[telemetry]\nmqtt = "mqtts://broker.example:8883"\n')
+    with pytest.raises(ConfigError, match=r"node\.toml: telemetry\.mqtt: TLS"):
+        load_config(path, {})
+    assert _parse(["--mqtt", "mqtt://127.0.0.1:1883/x"]).telemetry.mqtt == "mqtt://127.0.0.1:1883/x"
+
+
+def test_none_on_the_command_line_unsets_an_optional_file_value(tmp_path: Path) -> None:
+    path = _write(tmp_path, "[swarm]\ngenesis = 1700000000\n[diloco]\nround_seconds = 20\n")
+    assert load_config(path, {}).diloco.round_seconds == 20.0
+    cfg = _parse(["--config", str(path), "--round-seconds", "none", "--genesis", "None"])
+    assert cfg.diloco.round_seconds is None
+    assert cfg.swarm.genesis is None
+    with pytest.raises(SystemExit):
+        _parse(["--round-seconds", "soon"])
+
+
+def test_swarm_id_rule_is_the_wire_rule() -> None:
+    from swarmnode.protocol.records import SWARM_RE
+
+    assert SWARM_ID_RE is SWARM_RE
+    assert check_swarm_id("lab-1") == "lab-1"
+    for bad in ["", "Lab", "a_b", "x" * 65]:
+        with pytest.raises(ValueError, match=r"^swarm must be 1-64 characters"):
+            check_swarm_id(bad, "swarm")
+    with pytest.raises(ConfigError, match=r"command line: swarm\.id must be 1-64 characters"):
+        _parse(["--swarm", "Bad Name"])
