@@ -9,7 +9,7 @@ log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 set +e
 SWARMNODE_REQUIRE_VLLM=1 VLLM_ENABLE_V1_MULTIPROCESSING=0 \
-  "$VENV/bin/python" -m pytest -m vllm_cpu tests/test_vllm_cpu.py "$@" 2>&1 | tee "$log"
+  "$VENV/bin/python" -m pytest -m vllm_cpu tests/test_vllm_cpu.py tests/test_vllm_cpu_bf16.py "$@" 2>&1 | tee "$log"
 rc=${PIPESTATUS[0]}
 set -e
 if [ "$rc" -eq 5 ]; then
