@@ -180,6 +180,38 @@ def test_prefix_cache_is_reset_after_a_push(engine, policy):
         engine.update_weights(original.items())
 
 
+def test_pushes_after_a_diloco_merge_and_a_catch_up_reach_the_engine(engine, policy):
+    from types import SimpleNamespace
+
+    from swarmnode.learner import Learner
+    from swarmnode.optim.diloco import DiLoCo
+
+    original = {n: p.detach().clone() for n, p in policy.model.named_parameters()}
+    # The node's hook after a merge and after a catch-up (DiLoCoExchange.on_weights); it touches
+    # only the learner's engine and policy.
+    learner = SimpleNamespace(engine=engine, policy=policy)
+    params = SamplingParams(n=2, max_new_tokens=5, temperature=1.0, seed=7)
+    before = _greedy(engine, PROMPTS)
+    diloco = DiLoCo(policy.model.named_parameters())
+    donor = diloco.state_dict()
+    gen = torch.Generator().manual_seed(5)
+    avg_delta = {n: torch.randn(shape, generator=gen) * 0.3 for n, shape in diloco.shapes().items()}
+    try:
+        diloco.outer_step(avg_delta)  # local <- the new anchor, in place in the trainer's model
+        Learner.push_weights(learner)  # type: ignore[arg-type]
+        assert _greedy(engine, PROMPTS) != before
+        assert _max_logprob_diff(engine, policy.model, PROMPTS, params) < LOGPROB_ATOL
+        diloco.load_state_dict(donor)  # a catch-up to a donor's state (here: the pre-merge anchor)
+        Learner.push_weights(learner)  # type: ignore[arg-type]
+        assert _greedy(engine, PROMPTS) == before
+        assert _max_logprob_diff(engine, policy.model, PROMPTS, params) < LOGPROB_ATOL
+    finally:
+        with torch.no_grad():
+            for n, p in policy.model.named_parameters():
+                p.copy_(original[n])
+        engine.update_weights(policy.model.named_parameters())
+
+
 def test_unknown_tensor_name_is_a_key_error(engine):
     with pytest.raises(KeyError, match="no tensor named"):
         engine.update_weights([("nope", torch.zeros(1))])
