@@ -502,7 +502,7 @@ def _default(setting: str) -> tuple[Any, Any]:
     sec, name = setting.split(".")
     cls = _SECTIONS[sec]
     (f,) = [f for f in dataclasses.fields(cls) if f.name == name]
-    default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+    default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[operator]
     return _hints(cls)[name], default
 
 
@@ -562,7 +562,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=None,
         metavar="MULTIADDR",
-        help="peer to join through, /ip4/.../tcp/.../p2p/PEER_ID (repeatable; default: none)",
+        help="peer to join through, /ip4/.../tcp/.../p2p/PEER_ID, repeatable (default: none)",
     )
     for flag, setting, help_text, metavar in _FLAGS:
         groups[setting.partition(".")[0]].add_argument(

@@ -15,17 +15,21 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import IO, Any
+
+from swarmnode.config import check_swarm_id
 
 # Printed by the daemon on start; the launcher greps for it to learn node 0's full address.
 MULTIADDR_PREFIX = "swarmnode listening on "
 STOP_GRACE_S = 20.0  # SIGTERM lets a node write its final checkpoint; SIGKILL after this
-# Settings tuned for the tiny local model (the config defaults target real models): AdamW 3e-4 and
-# short answers; on loopback a pseudo-gradient blob arrives in milliseconds, so a 3 s collection
+# The only settings local-swarm changes from the `run` defaults (which target real models) besides
+# what the plan itself decides per node (data dir, listen address, swarm, model, steps/duration,
+# bootstrap, engine, seed, DiLoCo rounds, expect-peers). Tuned for the tiny local model: AdamW 3e-4
+# and short answers; on loopback a pseudo-gradient blob arrives in milliseconds, so a 3 s collection
 # window only ever waits on a peer that is slow or gone (the 10 s default is for real networks).
-# Given first, so anything after `--` on the command line overrides them.
+# Given before node_args, so anything after `--` on the command line overrides them.
 # reverse at AdamW 3e-4: the tiny model goes from ~14 % to ~47 % held-out accuracy in 3 minutes alone
 # (scripts/bench_learning.py); lr 1e-3 collapses the policy onto one answer.
 TINY_FAMILY = "reverse"
@@ -40,21 +44,30 @@ TINY_MODEL_ARGS = [
     "3",
     "--eval-every",
     "20",  # each evaluation generates 64 greedy answers: not every 5th step (the config default)
+    # the nodes start one after another, each loading its model: wait for all of them before step 1
+    "--join-wait",
+    "20",
 ]
+# The default CPU demo: a time budget rather than a step count, since the processes share the cores;
+# the tiny model needs a few hundred GRPO steps before held-out accuracy moves.
+DEMO_DURATION_S = 240.0
 
 
 @dataclass(kw_only=True, slots=True)
 class SwarmPlan:
-    nodes: int = 3
+    """One local swarm; the defaults are `swarmnode local-swarm`'s (its flags read them from here)."""
+
+    nodes: int = 4
     steps: int = 0
     duration_s: float = 0.0
     out: Path = Path("runs/local-swarm")
-    model: str = ""
+    model: str = ""  # empty: the tiny model, built locally
     swarm: str = "local"
-    merge_every: int = 10  # DiLoCo round length H in steps; 0 (and no round_seconds): share rollouts only
-    # > 0: wall-clock rounds of this many seconds instead (every node publishes at the same moment,
-    # however far apart their step counts drift; merge_every is then unused)
-    round_seconds: float = 0.0
+    # DiLoCo wall-clock rounds of this many seconds: every node publishes at the same moment, however
+    # far apart their step counts drift
+    round_seconds: float = 8.0
+    # > 0: rounds of this many steps (H) instead, and round_seconds is unused; both 0: share rollouts only
+    merge_every: int = 0
     node_args: list[str] = field(default_factory=list)
     # One rollout engine per node ("hf" or "vllm"), or empty: every node on the `run` default.
     engines: list[str] = field(default_factory=list)
@@ -69,6 +82,10 @@ class SwarmPlan:
             raise ValueError(f"steps must be >= 0, got {self.steps}")
         if self.round_seconds < 0:
             raise ValueError(f"round seconds must be >= 0, got {self.round_seconds}")
+        if self.merge_every < 0:
+            raise ValueError(f"merge_every must be >= 0, got {self.merge_every}")
+        if self.merge_every:
+            self.round_seconds = 0.0  # step rounds win
         if self.duration_s < 0:
             raise ValueError(f"duration must be >= 0, got {self.duration_s}")
         if self.steps == 0 and self.duration_s == 0:
@@ -77,6 +94,7 @@ class SwarmPlan:
             raise ValueError(f"engines must name one engine per node ({self.nodes}), got {self.engines}")
         if any(e not in ("hf", "vllm") for e in self.engines):
             raise ValueError(f"engines must each be 'hf' or 'vllm', got {self.engines}")
+        check_swarm_id(self.swarm, "swarm")
 
 
 @dataclass(slots=True)
@@ -149,7 +167,7 @@ def _node_command(plan: SwarmPlan, index: int, data_dir: Path, bootstrap: str) -
     elif plan.merge_every:
         cmd += ["--diloco", "--inner-steps", str(plan.merge_every)]
     # Hear every other node before the first step, so round 1 already merges all of them.
-    cmd += ["--expect-peers", str(plan.nodes - 1), "--join-wait", "20"] if plan.nodes > 1 else []
+    cmd += ["--expect-peers", str(plan.nodes - 1)]
     return cmd + TINY_MODEL_ARGS + plan.node_args
 
 
@@ -310,41 +328,77 @@ def run_swarm(plan: SwarmPlan, *, node_cmd: list[str] | None = None, live: bool 
     return summary
 
 
+def _default(name: str) -> Any:
+    (f,) = [f for f in fields(SwarmPlan) if f.name == name]
+    return f.default_factory() if f.default is MISSING else f.default  # type: ignore[operator]
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--nodes", type=int, default=4, help="number of nodes (default 4)")
-    parser.add_argument("--steps", type=int, default=0, help="training steps per node")
-    parser.add_argument("--duration", type=float, default=0.0, help="seconds per node (instead of --steps)")
-    parser.add_argument("--out", type=Path, default=Path("runs/local-swarm"), help="output directory")
-    parser.add_argument(
-        "--model", default="", help="model dir or hub id (default: the locally built tiny model)"
+    # Defaults are SwarmPlan's; the per-node `run` settings are the config's (swarmnode run --help).
+    a = parser.add_argument
+    a(
+        "--nodes",
+        type=int,
+        default=_default("nodes"),
+        metavar="N",
+        help="number of nodes (default: %(default)s)",
     )
-    parser.add_argument("--swarm", default="local", help="swarm name (topic namespace)")
-    parser.add_argument(
+    a(
+        "--steps",
+        type=int,
+        default=_default("steps"),
+        metavar="N",
+        help="training steps per node (default: %(default)s: run --duration)",
+    )
+    a(
+        "--duration",
+        type=float,
+        default=_default("duration_s"),
+        metavar="SECONDS",
+        help=f"seconds per node, instead of --steps (neither: {DEMO_DURATION_S:g} s)",
+    )
+    a(
+        "--out",
+        type=Path,
+        default=_default("out"),
+        metavar="DIR",
+        help="output directory (default: %(default)s)",
+    )
+    a(
+        "--model",
+        default=_default("model"),
+        metavar="MODEL",
+        help="model dir or hub id (default: the tiny model, built locally)",
+    )
+    a("--swarm", default=_default("swarm"), metavar="ID", help="swarm id (default: %(default)s)")
+    a(
         "--round-seconds",
         type=float,
-        default=8.0,
-        help="DiLoCo round length in wall-clock seconds (default 8; 0 and no --merge-every: no merges)",
+        default=_default("round_seconds"),
+        metavar="SECONDS",
+        help="DiLoCo round length in wall-clock seconds (default: %(default)s; 0 and no --merge-every: no merges)",
     )
-    parser.add_argument(
-        "--merge-every", type=int, default=0, help="DiLoCo rounds of this many steps instead of seconds"
+    a(
+        "--merge-every",
+        type=int,
+        default=_default("merge_every"),
+        metavar="H",
+        help="DiLoCo rounds of H steps instead of seconds (default: %(default)s: seconds)",
     )
-    parser.add_argument(
+    a(
         "--engines",
-        default="",
-        help="comma-separated rollout engine per node, e.g. vllm,hf,hf (default: hf on every node); "
+        default=",".join(_default("engines")),
+        metavar="LIST",
+        help="comma-separated rollout engine per node, e.g. vllm,hf,hf (default: the run default on every node); "
         "with vllm and no --model, the tiny model is built with a head size vLLM's CPU build accepts",
     )
-    parser.add_argument(
-        "node_args", nargs=argparse.REMAINDER, help="after --: extra flags passed to every `swarmnode run`"
-    )
+    a("node_args", nargs=argparse.REMAINDER, help="after --: extra flags passed to every `swarmnode run`")
 
 
 def main(args: argparse.Namespace) -> int:
     steps, duration = args.steps, args.duration
     if steps == 0 and duration == 0:
-        # The default CPU demo: a time budget rather than a step count, since the processes share the
-        # cores; the tiny model needs a few hundred GRPO steps before held-out accuracy moves.
-        duration = 240.0
+        duration = DEMO_DURATION_S
     engines = [e.strip() for e in args.engines.split(",")] if args.engines else []
     model = args.model
     if not model and "vllm" in engines:
@@ -367,7 +421,7 @@ def main(args: argparse.Namespace) -> int:
             node_args=extra,
             engines=engines,
             merge_every=args.merge_every,
-            round_seconds=0.0 if args.merge_every else args.round_seconds,  # --merge-every wins
+            round_seconds=args.round_seconds,
         )
     except ValueError as exc:
         print(f"swarmnode local-swarm: {exc}", file=sys.stderr)
