@@ -134,7 +134,8 @@ def _delta_sample(rng: random.Random) -> dict[str, torch.Tensor]:
 def _check_delta(orig: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> None:
     assert sorted(got) == sorted(orig)
     for name, t in orig.items():
-        assert got[name].shape == t.shape and got[name].dtype == torch.float32
+        assert got[name].shape == t.shape
+        assert got[name].dtype == torch.float32
         blocks = torch.nn.functional.pad(t.reshape(-1), (0, (-t.numel()) % pseudograd.QUANT_BLOCK))
         bound = blocks.reshape(-1, pseudograd.QUANT_BLOCK).abs().amax(dim=1) / 127 * 0.5 + 1e-12
         err = torch.nn.functional.pad((got[name] - t).reshape(-1).abs(), (0, blocks.numel() - t.numel()))
@@ -153,7 +154,8 @@ def _check_state(orig: tuple[dict[str, torch.Tensor], dict[str, Any]], got: dict
     for name, t in tensors.items():
         assert torch.equal(got[name], t)
     for name, v in scalars.items():
-        assert got[name] == v and type(got[name]) is type(v)
+        assert got[name] == v
+        assert type(got[name]) is type(v)
 
 
 def _geometry(sample: Any) -> tuple[int, int, int]:

@@ -172,7 +172,8 @@ def test_large_demo_components_travel_as_several_messages_each_decodable_alone()
     assert all(len(m) <= budget + 512 for m in messages)
     pieces = [p for m in messages for p in decode_demo(codec.decode(m), spec)]
     starts = sorted(p[2] for name, p in pieces if name == "weight")
-    assert len(starts) > 1 and starts[0] == 0  # the weight went in parts
+    assert len(starts) > 1
+    assert starts[0] == 0
     geometry = {n: demo.transforms[n] for n in own}
     kw = {
         "n_chunks": {n: t.n_chunks for n, t in geometry.items()},
