@@ -1,0 +1,431 @@
+"""DiLoCoExchange alone over the fake host: real int8 pseudo-gradient and state codecs, the real
+DiLoCo outer optimiser on a 16-element tensor, real Membership, fake time.
+
+The tests drive the exchange's step hooks the way the node does (``before_step`` / ``after_step``),
+so they can choose who is fast, who is dead and who leaves, and check what each replica merged."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import torch
+from fakes import COHORT_A, COHORT_B, Bus, FakeClock, FakeHost, TinyLearner, run, settle
+from swarmnode.compression.pseudograd import encode_delta
+from swarmnode.protocol import Presence, RoundManifest, codec, topics
+
+from swarmnode.aggregate import robust_mean
+from swarmnode.exchange.diloco import MAX_OPEN_ROUNDS, MAX_ROUNDS_AHEAD, DiLoCoExchange
+from swarmnode.membership import Membership, MembershipConfig, Status
+from swarmnode.optim.diloco import DiLoCo
+from swarmnode.rounds import RoundsConfig
+
+SWARM = "test-swarm"
+SAMPLES = 2  # groups per inner step: the averaging weight of a step-based round is 3 × 2
+
+
+@dataclass
+class Peer:
+    name: str
+    host: FakeHost
+    learner: TinyLearner
+    members: Membership
+    ex: DiLoCoExchange
+    step: int = 0
+
+    def w(self) -> torch.Tensor:
+        return self.learner.w.detach().clone()
+
+
+def make(
+    bus: Bus,
+    name: str,
+    clock: FakeClock,
+    *,
+    drift: float = 0.1,
+    cohort: str = COHORT_A,
+    aggregate: Any = None,
+    **rounds: Any,
+) -> Peer:
+    learner = TinyLearner(drift=drift, fingerprint=cohort)
+    host = FakeHost(bus, name)
+    holder: list[Peer] = []
+
+    def status() -> Status:
+        p = holder[0]
+        return Status(step=p.step, round=p.ex.round, anchor_hash=p.ex.anchor_hash, samples=0)
+
+    members = Membership(
+        MembershipConfig(swarm=SWARM, presence_interval_s=0.5, peer_timeout_s=5.0),
+        host=host,
+        cohort=cohort,
+        engine="hf",
+        hardware="cpu",
+        addrs=lambda: [],
+        status=status,
+        clock=clock,
+    )
+    rounds = {"merge_every": 3, "collect_seconds": 10.0, "join_wait_s": 0.0, **rounds}
+    config = RoundsConfig(swarm=SWARM, **rounds)
+    # lr 1, no momentum: the outer step moves the anchor to the (robust) mean of the replicas
+    diloco = DiLoCo(learner.model.named_parameters(), lr=1.0, momentum=0.0)
+    ex = DiLoCoExchange(
+        config,
+        host=host,
+        membership=members,
+        diloco=diloco,
+        aggregate=aggregate,
+        clock=clock,
+        wall_clock=clock,
+    )
+    holder.append(Peer(name, host, learner, members, ex))
+    return holder[0]
+
+
+async def train(p: Peer, until: int) -> None:
+    """The node's loop for one peer, without the node: hooks around a (fake) inner step."""
+    while True:
+        p.step = await p.ex.before_step(p.step)
+        if p.step >= until:
+            return
+        await asyncio.to_thread(p.learner.train_step, [], [])
+        p.step += 1
+        await p.ex.after_step(p.step, SAMPLES)
+
+
+async def running(peers: list[Peer], body: Coroutine[Any, Any, None]) -> None:
+    """Start every peer's membership and exchange, let presence flow, run ``body``, stop."""
+    try:
+        async with asyncio.TaskGroup() as tg:
+            for p in peers:
+                p.members.start(tg)
+                p.ex.start(tg)
+            await settle()
+            await body
+            raise _Stop
+    except* _Stop:
+        pass
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_three_replicas_merge_to_one_anchor_and_report_their_spread() -> None:
+    clock = FakeClock()
+    bus = Bus()
+    peers = [make(bus, f"peer{c}", clock, drift=d) for c, d in zip("ABC", (0.1, 0.2, 0.3), strict=True)]
+
+    async def body() -> None:
+        for p in peers:  # one after another: each waits for the rest in the background
+            await train(p, 3)
+        await asyncio.gather(*(p.ex.drain() for p in peers))
+
+    run(running(peers, body()), clock)
+    for p in peers:
+        s = p.ex.statistics()
+        assert (s["round"], s["merges"], s["merge_contributors"]) == (1, 1, 3)
+        assert s["diloco/bytes_sent"] > 0
+        assert torch.equal(p.w(), peers[0].w())  # every replica sits on the anchor ...
+        # Δs are -0.3, -0.6, -0.9 per element (int8-exact for constant tensors): mean distance from
+        # the mean Δ is (0.3 + 0 + 0.3) / 3 per element, × √16
+        assert s["replica_distance_before_merge"] == pytest.approx(0.8, rel=1e-5)
+    assert len({p.ex.anchor_hash for p in peers}) == 1  # ... and the anchors are bit-identical
+    assert peers[0].ex.anchor_hash == peers[0].ex.diloco.anchor_hash()
+    assert not torch.equal(peers[0].w(), torch.zeros(16))
+    # every blob was pulled from its author: two peers each
+    assert all(p.host.served_bytes > 0 for p in peers)
+
+
+def test_a_dead_peer_is_left_out_at_the_deadline_and_survivors_agree() -> None:
+    clock = FakeClock()
+    bus = Bus()
+    alive = [make(bus, "peerA", clock), make(bus, "peerB", clock, drift=0.2)]
+    dead = make(bus, "dead", clock, drift=0.5)
+    dead.host.dead = True  # publishes its manifest, never serves the blob
+
+    async def body() -> None:
+        await asyncio.gather(*(train(p, 3) for p in [*alive, dead]))
+        t0 = clock()
+        await asyncio.gather(*(p.ex.drain() for p in alive))
+        assert clock() - t0 <= 10.0  # the collection deadline (fake time), never beyond
+
+    run(running([*alive, dead], body()), clock)
+    for p in alive:
+        assert p.ex.merges == 1
+        assert p.ex.merge_contributors == 2
+        assert p.ex.blocked_s <= 10.0
+        assert p.ex.blocked_s >= 9.0  # it did wait for the dead peer, until the deadline
+    assert alive[0].ex.anchor_hash == alive[1].ex.anchor_hash
+
+
+def test_a_leave_notice_stops_the_round_waiting_for_the_leaver() -> None:
+    clock = FakeClock()
+    bus = Bus()
+    peers = [make(bus, f"peer{c}", clock) for c in "ABC"]
+    stayers, leaver = peers[:2], peers[2]
+
+    async def body() -> None:
+        assert stayers[0].members.cohort_peers() == ["peerB", "peerC"]
+        await leaver.members.leave()
+        await asyncio.gather(*(train(p, 3) for p in stayers))
+        t0 = clock()
+        await asyncio.gather(*(p.ex.drain() for p in stayers))
+        assert clock() - t0 < 1.0  # without the notice: the 10 s deadline
+
+    run(running(peers, body()), clock)
+    for p in stayers:
+        assert (p.ex.merges, p.ex.merge_contributors) == (1, 2)
+        assert p.members.peers_left == 1
+        assert "peerC" not in p.members.cohort_peers()
+    assert stayers[0].ex.anchor_hash == stayers[1].ex.anchor_hash
+
+
+def test_a_fast_replica_keeps_training_while_collecting_and_keeps_that_progress() -> None:
+    clock = FakeClock()
+    bus = Bus()
+    fast, slow = make(bus, "peerA", clock), make(bus, "peerB", clock, drift=0.2)
+
+    async def body() -> None:
+        await train(fast, 5)  # published round 1 at step 3, then two more inner steps
+        assert fast.ex.merges == 0  # still collecting: the slow peer has not published
+        await train(slow, 3)
+        await asyncio.gather(fast.ex.drain(), slow.ex.drain())
+
+    run(running([fast, slow], body()), clock)
+    assert fast.ex.merges == slow.ex.merges == 1
+    assert fast.ex.merge_contributors == 2
+    assert fast.ex.anchor_hash == slow.ex.anchor_hash
+    # two steps of 0.1 on 16 elements survived the outer step: θ = anchor' + 0.2
+    assert fast.ex.carried_progress == pytest.approx(0.2 * 4, rel=1e-5)
+    assert slow.ex.carried_progress == 0.0
+    assert torch.allclose(fast.w() - slow.w(), torch.full((16,), 0.2), atol=1e-6)
+    assert torch.equal(slow.w(), slow.ex.diloco.anchor["w"])
+
+
+def test_round_r_plus_one_waits_for_round_r_and_gets_its_own_full_window() -> None:
+    clock = FakeClock()
+    bus = Bus()
+    fast, slow = make(bus, "peerA", clock), make(bus, "peerB", clock)
+
+    async def body() -> None:
+        task = asyncio.create_task(train(fast, 6))  # round 2 ends before round 1 is collected
+        await settle(9.0)
+        assert fast.step == 6
+        assert not task.done()  # waiting for the slow peer's round 1 (deadline: 10 s)
+        await train(slow, 3)  # just in time
+        await task
+        await settle(2.0)  # the slow peer takes a while to finish round 2 ...
+        await train(slow, 6)
+        await asyncio.gather(fast.ex.drain(), slow.ex.drain())
+
+    run(running([fast, slow], body()), clock)
+    assert fast.ex.merges == slow.ex.merges == 2
+    # ... and still makes the fast peer's round 2: that window opened when round 2 was published,
+    # after the wait, not when it ended
+    assert fast.ex.merge_contributors == slow.ex.merge_contributors == 2
+    assert fast.ex.anchor_hash == slow.ex.anchor_hash
+    assert 9.0 <= fast.ex.blocked_s <= 10.0  # the bounded wait for round 1 is blocked time
+
+
+def test_wall_clock_rounds_weight_contributions_by_samples() -> None:
+    clock = FakeClock(start=100.0)  # also the wall clock: genesis 0, 10 s rounds (now: round 10)
+    bus = Bus()
+    weights: dict[str, list[list[float]]] = {"peerA": [], "peerB": []}
+
+    def capture(name: str) -> Any:
+        def aggregate(contributions: list[Any]) -> Any:
+            weights[name].append([w for _, w in contributions])
+            return robust_mean(contributions)
+
+        return aggregate
+
+    fast, slow = (
+        make(
+            bus,
+            name,
+            clock,
+            aggregate=capture(name),
+            merge_every=0,
+            round_seconds=10.0,
+            collect_seconds=5.0,
+            genesis=0.0,
+        )
+        for name in ("peerA", "peerB")
+    )
+
+    async def body() -> None:
+        for p in (fast, slow):
+            p.step = await p.ex.before_step(0)
+            await p.ex.after_step(1, 8)  # the first step opens round 10 (we joined mid-round)
+        for step in range(2, 6):  # the fast node trains four more steps in round 10, the slow one one
+            await fast.ex.after_step(step, 8)
+        await slow.ex.after_step(2, 8)
+        clock.advance(110.5 - clock())  # round 10 is over
+        await fast.ex.after_step(6, 8)  # the first step after a round's end publishes it
+        await slow.ex.after_step(3, 8)
+        await asyncio.gather(fast.ex.drain(), slow.ex.drain())
+
+    run(running([fast, slow], body()), clock)
+    # authors sorted: peerA (six steps of 8 groups since the round opened) then peerB (three)
+    assert weights["peerA"] == weights["peerB"] == [[48.0, 24.0]]
+    assert fast.ex.round == slow.ex.round == 10
+    assert fast.ex.anchor_hash == slow.ex.anchor_hash
+    # round ids come from the clock: a manifest for a round that cannot have ended is refused
+    assert fast.ex.max_plausible_round() == 12
+
+
+def test_another_cohort_never_merges_with_us() -> None:
+    clock = FakeClock()
+    bus = Bus()
+    ours = [make(bus, "peerA", clock), make(bus, "peerB", clock, drift=0.2)]
+    theirs = make(bus, "peerC", clock, drift=0.9, cohort=COHORT_B)
+
+    async def body() -> None:
+        await asyncio.gather(*(train(p, 3) for p in [*ours, theirs]))
+        await asyncio.gather(*(p.ex.drain() for p in [*ours, theirs]))
+
+    run(running([*ours, theirs], body()), clock)
+    assert [p.ex.merge_contributors for p in ours] == [2, 2]
+    assert theirs.ex.merge_contributors == 1
+    assert ours[0].ex.anchor_hash == ours[1].ex.anchor_hash != theirs.ex.anchor_hash
+    assert "peerC" not in ours[0].members.cohort_peers()
+
+
+def _manifest(
+    author: str, rnd: int, content_hash: str = "cd" * 32, cohort: str = COHORT_A, size: int = 10
+) -> bytes:
+    return codec.encode(
+        RoundManifest(
+            round=rnd,
+            author=author,
+            cohort=cohort,
+            weight=6.0,
+            content_hash=content_hash,
+            size=size,
+            codec="int8",
+            anchor_hash="",
+        )
+    )
+
+
+def test_hostile_manifests_and_blobs_are_dropped_and_counted() -> None:
+    clock = FakeClock()
+    bus = Bus()
+    a, b = make(bus, "peerA", clock), make(bus, "peerB", clock, drift=0.2)
+    eve = FakeHost(bus, "eve")
+    topic = topics.cohort_topic(SWARM, topics.ROUNDS, COHORT_A)
+    presence = Presence(
+        peer_id="eve",
+        addrs=[],
+        swarm=SWARM,
+        cohort=COHORT_A,
+        engine="hf",
+        hardware="cpu",
+        step=0,
+        round=0,
+        samples=0,
+        anchor_hash="",
+    )
+    garbage_blob = b"\x93 not a pseudo-gradient"
+
+    async def body() -> None:
+        for data in (
+            b"\xff\xfe garbage",
+            codec.encode(presence),  # a valid record of the wrong kind
+            _manifest("peerB", 1),  # eve signs a manifest in peerB's name
+            _manifest("eve", 1, cohort=COHORT_B),  # another cohort's manifest on our topic
+            _manifest("eve", MAX_ROUNDS_AHEAD + 1),  # a round that cannot have ended yet
+        ):
+            await eve.publish(topic, data)
+        await settle()
+        assert a.ex.traffic.dropped == 5
+        # a flood of future rounds: at most MAX_OPEN_ROUNDS are kept open
+        for rnd in range(2, 3 + MAX_OPEN_ROUNDS):
+            await eve.publish(topic, _manifest("eve", rnd))
+        await settle()
+        assert a.ex.traffic.dropped == 5 + 1
+        # round 1: eve's blob is not a pseudo-gradient
+        bad = eve.provide_blob(garbage_blob)
+        await eve.publish(topic, _manifest("eve", 1, bad, size=len(garbage_blob)))
+        await asyncio.gather(train(a, 3), train(b, 3))
+        await asyncio.gather(a.ex.drain(), b.ex.drain())
+
+    run(running([a, b], body()), clock)
+    assert a.ex.merge_contributors == b.ex.merge_contributors == 2  # eve left out of the round
+    assert a.ex.traffic.dropped == 5 + 1 + 1  # the failed blob decode counts too
+    assert a.ex.anchor_hash == b.ex.anchor_hash
+
+
+def test_a_blob_of_the_wrong_shape_is_screened_out_by_the_mean() -> None:
+    clock = FakeClock()
+    bus = Bus()
+    a, b = make(bus, "peerA", clock), make(bus, "peerB", clock, drift=0.2)
+    eve = FakeHost(bus, "eve")
+    topic = topics.cohort_topic(SWARM, topics.ROUNDS, COHORT_A)
+    blob = encode_delta({"w": torch.full((5,), 100.0)})
+
+    async def body() -> None:
+        h = eve.provide_blob(blob)
+        await eve.publish(topic, _manifest("eve", 1, h, size=len(blob)))
+        await asyncio.gather(train(a, 3), train(b, 3))
+        await asyncio.gather(a.ex.drain(), b.ex.drain())
+
+    run(running([a, b], body()), clock)
+    assert a.ex.merge_contributors == 3  # it arrived ...
+    assert a.ex.anchor_hash == b.ex.anchor_hash  # ... and the mean ignored it the same way everywhere
+    assert torch.allclose(a.w(), torch.full((16,), 0.3), atol=1e-2)  # robust mean of 0.3 and 0.6
+
+
+def test_a_late_joiner_catches_up_never_goes_back_and_merges() -> None:
+    clock = FakeClock()
+    bus = Bus()
+    early = [make(bus, "peerA", clock), make(bus, "peerB", clock, drift=0.2)]
+    joiner = make(bus, "joiner", clock, drift=0.05)
+    ahead = make(bus, "ahead", clock, drift=0.05)  # a restarted node whose step counter is ahead
+
+    async def body() -> None:
+        await asyncio.gather(*(train(p, 6) for p in early))
+        await asyncio.gather(*(p.ex.drain() for p in early))
+        assert [p.ex.round for p in early] == [2, 2]
+        async with asyncio.TaskGroup() as tg:
+            for p in (joiner, ahead):
+                p.members.start(tg)
+                p.ex.start(tg)
+            await settle()  # the joiners hear the cohort's presence (round 2)
+            assert await joiner.ex.before_step(0) == 6  # adopts the cohort's step
+            assert await ahead.ex.before_step(50) == 50  # never moves backwards
+            joiner.step, ahead.step = 6, 50
+            assert joiner.ex.anchor_hash == early[0].ex.anchor_hash
+            assert torch.equal(joiner.w(), early[0].ex.diloco.anchor["w"])
+            await ahead.members.leave()
+            # Round 3 was in flight from the state the joiner loaded: it merges it as an observer
+            # (its Δ would be empty) and takes part from round 4. Training takes no fake time, so
+            # the joiner trains on after the others, as it would (it started later).
+            await asyncio.gather(*(train(p, 9) for p in early))
+            await train(joiner, 9)
+            await asyncio.gather(*(train(p, 12) for p in early))
+            await train(joiner, 12)
+            await asyncio.gather(*(p.ex.drain() for p in [*early, joiner]))
+            raise _Stop
+
+    run(running(early, body()), clock)
+    assert (joiner.ex.catchups, ahead.ex.catchups) == (1, 1)
+    assert ahead.ex.round == 2
+    # round 3 the joiner merged as an observer (its Δ would be empty), round 4 as a contributor
+    assert joiner.ex.round == 4
+    assert joiner.ex.merges == 2
+    assert joiner.ex.merge_contributors == 3
+    assert len({p.ex.anchor_hash for p in [*early, joiner]}) == 1
+    served = early[0].ex.state_server.served + early[1].ex.state_server.served
+    assert served == 2
+
+
+def test_step_rounds_require_exactly_one_schedule() -> None:
+    with pytest.raises(ValueError, match="exactly one"):
+        RoundsConfig(merge_every=3, round_seconds=10.0)
+    with pytest.raises(ValueError, match="collect_seconds"):
+        RoundsConfig(merge_every=3, collect_seconds=0)
