@@ -549,7 +549,13 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """``--config FILE`` plus one flag per setting, grouped by TOML section (flags win over the file).
 
     Every flag defaults to None ("not given"), so only the flags given override the file."""
-    parser.add_argument("--config", type=Path, default=None, metavar="FILE", help="TOML config file")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="TOML config file; each flag below sets the key of its [section] and wins over the file",
+    )
     groups = {sec: parser.add_argument_group(f"[{sec}]") for sec in _SECTIONS}
     groups["network"].add_argument(
         "--listen",
