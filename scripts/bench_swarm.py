@@ -178,6 +178,7 @@ def main() -> int:
         model=model,
         swarm="bench-isolated",
         merge_every=0,
+        round_seconds=0.0,  # no merges: each node alone
         node_args=[
             *common,
             "--local-groups",
