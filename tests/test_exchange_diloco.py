@@ -18,7 +18,7 @@ from swarmnode.compression.pseudograd import encode_delta
 from swarmnode.protocol import Presence, RoundManifest, codec, topics
 
 from swarmnode.aggregate import robust_mean
-from swarmnode.exchange.diloco import MAX_OPEN_ROUNDS, MAX_ROUNDS_AHEAD, DiLoCoExchange
+from swarmnode.exchange.diloco import MAX_ROUNDS_AHEAD, MAX_ROUNDS_PER_AUTHOR, DiLoCoExchange
 from swarmnode.membership import Membership, MembershipConfig, Status
 from swarmnode.optim.diloco import DiLoCo
 from swarmnode.rounds import RoundsConfig
@@ -331,6 +331,7 @@ def test_hostile_manifests_and_blobs_are_dropped_and_counted() -> None:
         anchor_hash="",
     )
     garbage_blob = b"\x93 not a pseudo-gradient"
+    trudy = FakeHost(bus, "trudy")
 
     async def body() -> None:
         for data in (
@@ -343,19 +344,24 @@ def test_hostile_manifests_and_blobs_are_dropped_and_counted() -> None:
             await eve.publish(topic, data)
         await settle()
         assert a.ex.traffic.dropped == 5
-        # a flood of future rounds: at most MAX_OPEN_ROUNDS are kept open
-        for rnd in range(2, 3 + MAX_OPEN_ROUNDS):
+        # a flood of future rounds: one author holds at most MAX_ROUNDS_PER_AUTHOR open rounds
+        # (its newest), and an older claim than those is refused
+        for rnd in range(10, 20):
             await eve.publish(topic, _manifest("eve", rnd))
         await settle()
+        eves = sorted(r for r, box in a.ex._inboxes.items() if "eve" in box.manifests)
+        assert eves == list(range(20 - MAX_ROUNDS_PER_AUTHOR, 20))
+        await eve.publish(topic, _manifest("eve", 12))
+        await settle()
         assert a.ex.traffic.dropped == 5 + 1
-        # round 1: eve's blob is not a pseudo-gradient
-        bad = eve.provide_blob(garbage_blob)
-        await eve.publish(topic, _manifest("eve", 1, bad, size=len(garbage_blob)))
+        # round 1: trudy's blob is not a pseudo-gradient
+        bad = trudy.provide_blob(garbage_blob)
+        await trudy.publish(topic, _manifest("trudy", 1, bad, size=len(garbage_blob)))
         await asyncio.gather(train(a, 3), train(b, 3))
         await asyncio.gather(a.ex.drain(), b.ex.drain())
 
     run(running([a, b], body()), clock)
-    assert a.ex.merge_contributors == b.ex.merge_contributors == 2  # eve left out of the round
+    assert a.ex.merge_contributors == b.ex.merge_contributors == 2  # eve and trudy left out
     assert a.ex.traffic.dropped == 5 + 1 + 1  # the failed blob decode counts too
     assert a.ex.anchor_hash == b.ex.anchor_hash
 

@@ -35,9 +35,9 @@ from swarmnode.rounds import RoundClock, RoundsConfig
 
 log = logging.getLogger(__name__)
 
-# Manifests are kept for at most this many future rounds at once; step-based rounds accept claims at
-# most this many rounds ahead of ours (wall-clock rounds check the clock instead).
-MAX_OPEN_ROUNDS = 4
+# Open rounds (besides the one collecting) an author may hold manifests in; step-based rounds accept
+# claims at most MAX_ROUNDS_AHEAD rounds ahead of ours (wall-clock rounds check the clock instead).
+MAX_ROUNDS_PER_AUTHOR = 2
 MAX_ROUNDS_AHEAD = 1000
 Aggregate = Callable[[list[Contribution]], dict[str, Any]]
 
@@ -124,14 +124,18 @@ class DiLoCoExchange(BaseExchange):
         self.members.note_member(origin)
         if rnd <= self.round:  # too late: that round is merged already
             return
-        if rnd not in self._inboxes and len(self._inboxes) >= MAX_OPEN_ROUNDS:
-            # Keep the nearest rounds: claims for far-future rounds must not crowd out the next
-            # round's honest manifests (the round we are collecting is never evicted).
-            furthest = max(self._inboxes)
-            pending = self._pending.round if self._pending is not None else None
-            if rnd > furthest or furthest == pending:
-                raise ValueError(f"round {rnd}: already {MAX_OPEN_ROUNDS} rounds open")
-            del self._inboxes[furthest]
+        # An honest author has at most two rounds open (the one collecting, the next): its newer
+        # manifest supersedes its oldest, so no author can hold more (fake future rounds included)
+        # and a joiner that has not merged yet keeps following the cohort's newest rounds.
+        pending = self._pending.round if self._pending is not None else None
+        mine = sorted(r for r, box in self._inboxes.items() if origin in box.manifests and r != pending)
+        if rnd not in mine and len(mine) >= MAX_ROUNDS_PER_AUTHOR:
+            if rnd < mine[0]:
+                raise ValueError(f"round {rnd}: older than this author's {MAX_ROUNDS_PER_AUTHOR} open rounds")
+            box = self._inboxes[mine[0]]
+            del box.manifests[origin]
+            if not box.manifests:
+                del self._inboxes[mine[0]]
         inbox = self._inboxes.setdefault(rnd, Inbox())
         inbox.manifests[origin] = record
         inbox.arrived.set()
