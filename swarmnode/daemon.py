@@ -15,7 +15,8 @@ import signal
 import sys
 from pathlib import Path
 
-from swarmnode.config import ConfigError, NodeConfig, add_config_arguments, config_from_args
+from swarmnode.config import ConfigError, NodeConfig
+from swarmnode.flags import add_config_arguments, config_from_args
 from swarmnode.localswarm import MULTIADDR_PREFIX
 
 log = logging.getLogger("swarmnode.daemon")

@@ -11,7 +11,8 @@ import pytest
 
 from swarmnode import __version__
 from swarmnode.cli import build_parser
-from swarmnode.config import SETTING_FLAGS, NodeConfig, config_from_args
+from swarmnode.config import NodeConfig
+from swarmnode.flags import SETTING_FLAGS, config_from_args
 from swarmnode.localswarm import TINY_MODEL_ARGS, SwarmPlan, _node_command
 
 

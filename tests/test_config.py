@@ -10,16 +10,14 @@ from pathlib import Path
 import pytest
 
 from swarmnode.config import (
-    SETTING_FLAGS,
     SWARM_ID_RE,
     ConfigError,
     DemoSection,
     NodeConfig,
-    add_config_arguments,
     check_swarm_id,
-    config_from_args,
     load_config,
 )
+from swarmnode.flags import SETTING_FLAGS, add_config_arguments, config_from_args
 
 TOML = """
 [swarm]

@@ -27,7 +27,7 @@ def test_bad_flags_exit_2_with_a_message(tmp_path: Path, capsys: pytest.CaptureF
 
 
 def test_flags_win_over_file(tmp_path: Path) -> None:
-    from swarmnode.config import config_from_args
+    from swarmnode.flags import config_from_args
 
     cfg = tmp_path / "node.toml"
     cfg.write_text('[swarm]\nid = "from-file"\n[train]\nsteps = 5\n')
