@@ -21,7 +21,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from swarmnode.localswarm import SwarmPlan, read_metrics, run_swarm
+from swarmnode.localswarm import SwarmPlan, run_swarm
+from swarmnode.swarmreport import read_metrics
 
 # Binary reward (SAPO's regime: a group whose answers are all wrong carries no signal), on the tiny
 # model warmed up so that every word length is hit now and then (swarmnode.tinymodel.WARMUP_STEPS).

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from swarmnode.localswarm import SwarmPlan, run_swarm, status_table
+from swarmnode.localswarm import SwarmPlan, run_swarm
+from swarmnode.swarmreport import status_table
 
 # Speaks the daemon's contract: prints the multiaddr line, appends metrics rows to <data-dir>/metrics.jsonl.
 FAKE_NODE = textwrap.dedent(
@@ -96,7 +97,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 def _last(node_dir: Path) -> dict:
-    from swarmnode.localswarm import read_metrics
+    from swarmnode.swarmreport import read_metrics
 
     rows = read_metrics(node_dir / "metrics.jsonl")
     return rows[-1] if rows else {}
@@ -185,7 +186,7 @@ def test_late_joiner_catches_up(tmp_path: Path, tiny_model: str) -> None:
 
 def _anchors_by_round(node_dir: Path) -> dict[int, str]:
     """Anchor hash each node held at the start of a round (i.e. right after the previous merge)."""
-    from swarmnode.localswarm import read_metrics
+    from swarmnode.swarmreport import read_metrics
 
     out: dict[int, str] = {}
     for row in read_metrics(node_dir / "metrics.jsonl"):
@@ -208,7 +209,7 @@ def test_node_command_picks_wall_clock_or_step_rounds(tmp_path: Path) -> None:
 
 
 def test_moving_average_is_a_trailing_mean() -> None:
-    from swarmnode.localswarm import moving_average
+    from swarmnode.swarmreport import moving_average
 
     assert moving_average([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
     assert moving_average([], 5) == []

@@ -235,7 +235,8 @@ def test_engines_plan_names_one_engine_per_node():
 
 @pytest.mark.slow
 def test_a_vllm_node_trains_shares_and_merges_with_hf_nodes(tmp_path, vllm_model_dir):
-    from swarmnode.localswarm import SwarmPlan, read_metrics, run_swarm
+    from swarmnode.localswarm import SwarmPlan, run_swarm
+    from swarmnode.swarmreport import read_metrics
 
     plan = SwarmPlan(
         nodes=3,
