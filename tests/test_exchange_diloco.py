@@ -18,7 +18,8 @@ from swarmnode.compression.pseudograd import encode_delta
 from swarmnode.protocol import Presence, RoundManifest, codec, topics
 
 from swarmnode.aggregate import robust_mean
-from swarmnode.exchange.diloco import MAX_ROUNDS_AHEAD, MAX_ROUNDS_PER_AUTHOR, DiLoCoExchange
+from swarmnode.exchange.collect import MAX_ROUNDS_PER_AUTHOR
+from swarmnode.exchange.diloco import MAX_ROUNDS_AHEAD, DiLoCoExchange
 from swarmnode.membership import Membership, MembershipConfig, Status
 from swarmnode.optim.diloco import DiLoCo
 from swarmnode.rounds import RoundsConfig

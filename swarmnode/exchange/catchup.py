@@ -15,16 +15,39 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from swarmnode.compression.state import decode_state, encode_state
 from swarmnode.protocol import StateManifest, codec
 from swarmnode.protocol.topics import STATE_PROTOCOL
 
-__all__ = ["STATE_PROTOCOL", "CatchupError", "Snapshot", "StateServer", "choose_source", "fetch_state"]
+__all__ = [
+    "STATE_PROTOCOL",
+    "CatchupError",
+    "Snapshot",
+    "StateServer",
+    "choose_source",
+    "fetch_state",
+    "load_state",
+    "state_blob",
+]
 
 log = logging.getLogger(__name__)
 
 
 class CatchupError(RuntimeError):
     """The peer could not give us a usable state (wrong cohort, hash mismatch, nothing to serve)."""
+
+
+def state_blob(diloco: Any) -> tuple[str, bytes]:
+    """(anchor hash, encoded state) of a ``DiLoCo`` outer optimizer: what a joiner loads."""
+    state = diloco.state_dict()
+    tensors = {k: v for k, v in state.items() if hasattr(v, "shape")}
+    scalars = {k: v for k, v in state.items() if not hasattr(v, "shape")}
+    return diloco.anchor_hash(), encode_state(tensors, scalars)
+
+
+def load_state(diloco: Any, blob: bytes, *, max_bytes: int) -> None:
+    """Decode a peer's state and load it; the optimizer checks names, shapes and finiteness first."""
+    diloco.load_state_dict(decode_state(blob, max_bytes=max_bytes), reset_local=True)
 
 
 @dataclass(slots=True)

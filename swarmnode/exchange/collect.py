@@ -18,12 +18,32 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 Contribution = tuple[dict[str, Any], float]
+# Open rounds (besides the one collecting) an author may hold manifests in.
+MAX_ROUNDS_PER_AUTHOR = 2
 
 
 @dataclass(slots=True)
 class Inbox:
     manifests: dict[str, Any] = field(default_factory=dict)  # author -> manifest
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+def admit(inboxes: dict[int, Inbox], author: str, rnd: int, manifest: Any, *, keep: int | None) -> None:
+    """File ``author``'s manifest for round ``rnd``. An honest author has at most two rounds open
+    (the one collecting, the next): its newer manifest supersedes its oldest, so no author holds more
+    (fake future rounds included), and a joiner that has not merged yet keeps following the cohort's
+    newest rounds. Round ``keep`` (the one being collected) is never evicted."""
+    mine = sorted(r for r, box in inboxes.items() if author in box.manifests and r != keep)
+    if rnd not in mine and len(mine) >= MAX_ROUNDS_PER_AUTHOR:
+        if rnd < mine[0]:
+            raise ValueError(f"round {rnd}: older than this author's {MAX_ROUNDS_PER_AUTHOR} open rounds")
+        box = inboxes[mine[0]]
+        del box.manifests[author]
+        if not box.manifests:
+            del inboxes[mine[0]]
+    inbox = inboxes.setdefault(rnd, Inbox())
+    inbox.manifests[author] = manifest
+    inbox.arrived.set()
 
 
 async def collect_round(

@@ -25,19 +25,25 @@ from typing import Any
 
 from swarmnode.aggregate import replica_spread, robust_mean
 from swarmnode.compression.pseudograd import decode_delta, encode_delta
-from swarmnode.compression.state import decode_state, encode_state
 from swarmnode.exchange.base import BaseExchange, Host, Traffic, receive_loop
-from swarmnode.exchange.catchup import STATE_PROTOCOL, Snapshot, StateServer, choose_source, fetch_state
-from swarmnode.exchange.collect import Contribution, Inbox, collect_round
+from swarmnode.exchange.catchup import (
+    STATE_PROTOCOL,
+    Snapshot,
+    StateServer,
+    choose_source,
+    fetch_state,
+    load_state,
+    state_blob,
+)
+from swarmnode.exchange.collect import Contribution, Inbox, admit, collect_round
 from swarmnode.membership import Membership
 from swarmnode.protocol import RoundManifest, codec, topics
 from swarmnode.rounds import RoundClock, RoundsConfig
 
 log = logging.getLogger(__name__)
 
-# Open rounds (besides the one collecting) an author may hold manifests in; step-based rounds accept
-# claims at most MAX_ROUNDS_AHEAD rounds ahead of ours (wall-clock rounds check the clock instead).
-MAX_ROUNDS_PER_AUTHOR = 2
+# Step-based rounds accept claims at most this many rounds ahead of ours (wall-clock rounds check
+# the clock instead).
 MAX_ROUNDS_AHEAD = 1000
 Aggregate = Callable[[list[Contribution]], dict[str, Any]]
 
@@ -124,21 +130,8 @@ class DiLoCoExchange(BaseExchange):
         self.members.note_member(origin)
         if rnd <= self.round:  # too late: that round is merged already
             return
-        # An honest author has at most two rounds open (the one collecting, the next): its newer
-        # manifest supersedes its oldest, so no author can hold more (fake future rounds included)
-        # and a joiner that has not merged yet keeps following the cohort's newest rounds.
         pending = self._pending.round if self._pending is not None else None
-        mine = sorted(r for r, box in self._inboxes.items() if origin in box.manifests and r != pending)
-        if rnd not in mine and len(mine) >= MAX_ROUNDS_PER_AUTHOR:
-            if rnd < mine[0]:
-                raise ValueError(f"round {rnd}: older than this author's {MAX_ROUNDS_PER_AUTHOR} open rounds")
-            box = self._inboxes[mine[0]]
-            del box.manifests[origin]
-            if not box.manifests:
-                del self._inboxes[mine[0]]
-        inbox = self._inboxes.setdefault(rnd, Inbox())
-        inbox.manifests[origin] = record
-        inbox.arrived.set()
+        admit(self._inboxes, origin, rnd, record, keep=pending)
 
     def max_plausible_round(self) -> int:
         """The newest round any honest peer can be in: by the wall clock (one round of skew), or, for
@@ -319,21 +312,14 @@ class DiLoCoExchange(BaseExchange):
 
     # -- joiners ----------------------------------------------------------------------------------
 
-    def _state_blob(self) -> tuple[str, bytes]:
-        state = self.diloco.state_dict()
-        tensors = {k: v for k, v in state.items() if hasattr(v, "shape")}
-        scalars = {k: v for k, v in state.items() if not hasattr(v, "shape")}
-        return self.diloco.anchor_hash(), encode_state(tensors, scalars)
-
     async def _refresh(self) -> None:
         """Anchor hash and joiner snapshot after a merge or a load (hashing and encoding off-loop)."""
-        self.anchor_hash, blob = await asyncio.to_thread(self._state_blob)
+        self.anchor_hash, blob = await asyncio.to_thread(state_blob, self.diloco)
         snap = Snapshot(round=self.round, step=self.step, anchor_hash=self.anchor_hash, blob=blob)
         self.state_server.update(snap)
 
     def _load(self, blob: bytes) -> None:
-        state = decode_state(blob, max_bytes=self.config.max_blob_bytes)
-        self.diloco.load_state_dict(state, reset_local=True)
+        load_state(self.diloco, blob, max_bytes=self.config.max_blob_bytes)
         self.on_weights()
 
     async def maybe_catch_up(self, step: int) -> int:
