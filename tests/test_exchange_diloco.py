@@ -279,6 +279,40 @@ def test_wall_clock_rounds_weight_contributions_by_samples() -> None:
     assert fast.ex.max_plausible_round() == 12
 
 
+def test_a_node_whose_budget_ends_mid_round_still_merges_that_round_with_the_cohort() -> None:
+    """Wall-clock rounds: one node's last step crosses the round's end (it publishes the round), the
+    other's budget is spent before it; the finishing node publishes its part at finish, so both land
+    on one anchor instead of the cohort ending on two."""
+    clock = FakeClock(start=100.0)
+    bus = Bus()
+    a, b = (
+        make(bus, name, clock, merge_every=0, round_seconds=10.0, collect_seconds=5.0, genesis=0.0)
+        for name in ("peerA", "peerB")
+    )
+
+    async def body() -> None:
+        for p in (a, b):
+            p.step = await p.ex.before_step(0)
+            await p.ex.after_step(1, 8)  # opens round 10
+        await a.ex.after_step(2, 8)
+        await b.ex.after_step(2, 8)
+
+        async def b_finishes_now() -> None:
+            await b.ex.finish(stopped=False)  # budget spent inside round 10
+
+        async def a_crosses_the_round_end() -> None:
+            clock.advance(110.5 - clock())
+            await a.ex.after_step(3, 8)  # the first step after round 10 ended publishes it
+            await a.ex.finish(stopped=False)
+
+        await asyncio.gather(b_finishes_now(), a_crosses_the_round_end())
+
+    run(running([a, b], body()), clock)
+    assert a.ex.round == b.ex.round == 10
+    assert a.ex.merge_contributors == b.ex.merge_contributors == 2
+    assert a.ex.anchor_hash == b.ex.anchor_hash
+
+
 def test_another_cohort_never_merges_with_us() -> None:
     clock = FakeClock()
     bus = Bus()

@@ -178,6 +178,19 @@ class DiLoCoExchange(BaseExchange):
             self.cancel()
             return
         await self.drain()
+        rnd = self._open_round
+        if (
+            self.clock_rounds is not None
+            and rnd is not None
+            and rnd > self.round
+            and self.samples_since_publish
+        ):
+            # Wall-clock rounds: peers whose last step crossed the round's end publish it; so do we,
+            # with the steps we took in it, or the cohort would end on two anchors.
+            rc = self.clock_rounds
+            wall_left = rc.round_end(rnd) + self.config.collect_seconds - rc.clock()
+            await self._publish(rnd, self.clock() + max(0.0, wall_left))
+            await self.drain()
         end = self.clock() + self.config.collect_seconds
         while self.clock() < end and any(  # noqa: ASYNC110 - polls presence, bounded by the window
             int(getattr(self.members.presence_of(p), "round", self.round)) < self.round
