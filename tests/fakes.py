@@ -15,7 +15,7 @@ import asyncio
 import hashlib
 import selectors
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -82,6 +82,29 @@ def run(main: Coroutine[Any, Any, T], clock: FakeClock) -> T:
     """Run ``main`` on an event loop whose time is ``clock`` (see the module docstring)."""
     with asyncio.Runner(loop_factory=lambda: _FakeTimeLoop(clock)) as runner:
         return runner.run(main)
+
+
+async def with_started(
+    parts: Iterable[Any], body: Coroutine[Any, Any, None], *, settle_first: bool = False
+) -> None:
+    """Start each part (``part.start(tg)``: a membership, an exchange) in one task group, await
+    ``body``, then cancel everything the parts started."""
+    try:
+        async with asyncio.TaskGroup() as tg:
+            for part in parts:
+                part.start(tg)
+            if settle_first:
+                await settle()  # presence flows first
+            else:
+                await asyncio.sleep(0)  # let the subscriptions open
+            await body
+            raise _Stop
+    except* _Stop:
+        pass
+
+
+class _Stop(Exception):
+    pass
 
 
 async def settle(seconds: float = 1.0) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from fakes import COHORT_A, COHORT_B, Bus, FakeClock, FakeHost, run, settle
+from fakes import COHORT_A, COHORT_B, Bus, FakeClock, FakeHost, run, settle, with_started
 from swarmnode.protocol import Presence, codec, topics
 
 from swarmnode.exchange.demo import DemoExchange, DemoGossipConfig, encode_demo
@@ -60,19 +60,7 @@ def make(bus: Bus, name: str, seed: int, cohort: str = COHORT_A, out_features: i
 
 
 async def running(peers: list[Peer], body: Coroutine[Any, Any, None]) -> None:
-    try:
-        async with asyncio.TaskGroup() as tg:
-            for p in peers:
-                p.ex.start(tg)
-            await asyncio.sleep(0)  # let the subscriptions open
-            await body
-            raise _Stop
-    except* _Stop:
-        pass
-
-
-class _Stop(Exception):
-    pass
+    await with_started([p.ex for p in peers], body)
 
 
 def test_components_are_gossiped_and_applied() -> None:

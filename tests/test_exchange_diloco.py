@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import torch
-from fakes import COHORT_A, COHORT_B, Bus, FakeClock, FakeHost, TinyLearner, run, settle
+from fakes import COHORT_A, COHORT_B, Bus, FakeClock, FakeHost, TinyLearner, run, settle, with_started
 from swarmnode.compression.pseudograd import encode_delta
 from swarmnode.protocol import Presence, RoundManifest, codec, topics
 
@@ -99,20 +99,7 @@ async def train(p: Peer, until: int) -> None:
 
 async def running(peers: list[Peer], body: Coroutine[Any, Any, None]) -> None:
     """Start every peer's membership and exchange, let presence flow, run ``body``, stop."""
-    try:
-        async with asyncio.TaskGroup() as tg:
-            for p in peers:
-                p.members.start(tg)
-                p.ex.start(tg)
-            await settle()
-            await body
-            raise _Stop
-    except* _Stop:
-        pass
-
-
-class _Stop(Exception):
-    pass
+    await with_started([part for p in peers for part in (p.members, p.ex)], body, settle_first=True)
 
 
 def test_three_replicas_merge_to_one_anchor_and_report_their_spread() -> None:
@@ -432,11 +419,8 @@ def test_a_late_joiner_catches_up_never_goes_back_and_merges() -> None:
         await asyncio.gather(*(train(p, 6) for p in early))
         await asyncio.gather(*(p.ex.drain() for p in early))
         assert [p.ex.round for p in early] == [2, 2]
-        async with asyncio.TaskGroup() as tg:
-            for p in (joiner, ahead):
-                p.members.start(tg)
-                p.ex.start(tg)
-            await settle()  # the joiners hear the cohort's presence (round 2)
+
+        async def joined() -> None:  # once the joiners heard the cohort's presence (round 2)
             assert await joiner.ex.before_step(0) == 6  # adopts the cohort's step
             assert await ahead.ex.before_step(50) == 50  # never moves backwards
             joiner.step, ahead.step = 6, 50
@@ -451,7 +435,9 @@ def test_a_late_joiner_catches_up_never_goes_back_and_merges() -> None:
             await asyncio.gather(*(train(p, 12) for p in early))
             await train(joiner, 12)
             await asyncio.gather(*(p.ex.drain() for p in [*early, joiner]))
-            raise _Stop
+
+        parts = [joiner.members, joiner.ex, ahead.members, ahead.ex]
+        await with_started(parts, joined(), settle_first=True)
 
     run(running(early, body()), clock)
     assert (joiner.ex.catchups, ahead.ex.catchups) == (1, 1)

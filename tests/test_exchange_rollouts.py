@@ -19,6 +19,7 @@ from fakes import (
     run,
     settle,
     verify_batch,
+    with_started,
 )
 from swarmnode.compression import framing
 from swarmnode.protocol import Presence, RolloutBatch, codec, topics
@@ -45,19 +46,7 @@ def make(
 
 
 async def _running(exchanges: list[RolloutExchange], body: Coroutine[Any, Any, None]) -> None:
-    try:
-        async with asyncio.TaskGroup() as tg:
-            for ex in exchanges:
-                ex.start(tg)
-            await asyncio.sleep(0)  # let the subscriptions open
-            await body
-            raise _Stop
-    except* _Stop:
-        pass
-
-
-class _Stop(Exception):
-    pass
+    await with_started(exchanges, body)
 
 
 def test_informative_groups_reach_peers_of_any_cohort_and_are_sampled() -> None:

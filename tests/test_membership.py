@@ -8,7 +8,7 @@ from collections.abc import Coroutine
 from typing import Any
 
 import pytest
-from fakes import COHORT_A, COHORT_B, Bus, FakeClock, FakeHost, run, settle
+from fakes import COHORT_A, COHORT_B, Bus, FakeClock, FakeHost, run, settle, with_started
 from swarmnode.protocol import RoundManifest, codec, topics
 
 from swarmnode.exchange.base import TransportClosed
@@ -37,19 +37,7 @@ def make(
 
 async def _run_for(members: list[Membership], body: Coroutine[Any, Any, None]) -> None:
     """Start ``members`` in a task group, await ``body``, then cancel the heartbeats."""
-    try:
-        async with asyncio.TaskGroup() as tg:
-            for m in members:
-                m.start(tg)
-            await asyncio.sleep(0)  # let the subscriptions open
-            await body
-            raise _Stop
-    except* _Stop:
-        pass
-
-
-class _Stop(Exception):
-    pass
+    await with_started(members, body)
 
 
 def test_config_rejects_out_of_range_values() -> None:
