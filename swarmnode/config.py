@@ -36,7 +36,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from swarmnode.protocol.errors import ProtocolError
 from swarmnode.protocol.records import SWARM_RE
+from swarmnode.protocol.topics import validate_swarm_id
 
 __all__ = [
     "SWARM_ID_RE",
@@ -75,9 +77,10 @@ SWARM_ID_RE = SWARM_RE
 
 def check_swarm_id(value: str, name: str = "id") -> str:
     """``value`` if it is a valid swarm id, else ``ValueError`` naming the field ``name``."""
-    if not isinstance(value, str) or SWARM_ID_RE.fullmatch(value) is None:
-        raise ValueError(f"{name} must be 1-64 characters from a-z, 0-9 and '-', got {value!r}")
-    return value
+    try:
+        return validate_swarm_id(value)  # the wire's rule: the id is in every topic name
+    except ProtocolError:
+        raise ValueError(f"{name} must be 1-64 characters from a-z, 0-9 and '-', got {value!r}") from None
 
 
 @dataclass(kw_only=True, slots=True)
