@@ -89,10 +89,7 @@ class Membership:
         now = self.clock()
         timeout = self.config.peer_timeout_s
         members = {p for p, t in self._members.items() if now - t <= timeout}
-        for p, (t, presence) in self.peers.items():
-            if now - t <= timeout and getattr(presence, "cohort", None) == self.cohort:
-                members.add(p)
-        return sorted(members)
+        return sorted(members | set(self.announced_cohort()))
 
     def presences(self) -> dict[str, Any]:
         return {p: presence for p, (_, presence) in self.peers.items()}
@@ -106,10 +103,21 @@ class Membership:
         self._members[peer] = self.clock()
         self._bound(self._members)
 
+    def announced_cohort(self) -> list[str]:
+        """Live cohort peers whose presence we hold (what a catch-up decision reads)."""
+        now = self.clock()
+        return sorted(
+            p
+            for p, (t, presence) in self.peers.items()
+            if now - t <= self.config.peer_timeout_s and getattr(presence, "cohort", None) == self.cohort
+        )
+
     async def wait_cohort(self, n: int, timeout_s: float) -> bool:
-        """Wait (at most ``timeout_s``) until ``n`` cohort peers are known; True if they are."""
+        """Wait (at most ``timeout_s``) until the presence of ``n`` cohort peers arrived; True if so.
+        A round manifest alone does not count: a joiner needs their presence (round, anchor) to
+        decide whether to catch up before its first step."""
         deadline = self.clock() + timeout_s
-        while len(self.cohort_peers()) < n:
+        while len(self.announced_cohort()) < n:
             remaining = deadline - self.clock()
             if remaining <= 0:
                 return False

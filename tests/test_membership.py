@@ -201,3 +201,20 @@ def test_an_ended_subscription_raises_transport_closed() -> None:
     with pytest.raises(ExceptionGroup) as info:
         run(main(), clock)
     assert info.value.subgroup(TransportClosed) is not None
+
+
+def test_wait_cohort_needs_their_presence_not_only_a_round_manifest() -> None:
+    """A joiner decides whether to catch up from its peers' presence (round, anchor): a round
+    manifest makes a peer a cohort member, but is not enough to end the join wait."""
+    clock = FakeClock()
+    a, _ = make(Bus(), "peerA", clock)
+    a.note_member("peerB")
+    assert a.cohort_peers() == ["peerB"]
+    results: list[bool] = []
+
+    async def body() -> None:
+        results.append(await a.wait_cohort(1, 3.0))
+
+    run(_run_for([a], body()), clock)
+    assert results == [False]
+    assert a.announced_cohort() == []
