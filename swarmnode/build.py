@@ -94,10 +94,13 @@ def build_node(cfg: NodeConfig, host: Host, learner: Learner, *, data_dir: Path,
     node: Node | None = None
     diloco_ex: DiLoCoExchange | None = None
 
+    def current_round() -> int:
+        return diloco_ex.round if diloco_ex is not None else 0
+
     def status() -> Status:
         return Status(
             step=node.step if node is not None else 0,
-            round=diloco_ex.round if diloco_ex is not None else 0,
+            round=current_round(),
             anchor_hash=diloco_ex.anchor_hash if diloco_ex is not None else "",
             samples=learner.samples_seen,
         )
@@ -172,7 +175,7 @@ def build_node(cfg: NodeConfig, host: Host, learner: Learner, *, data_dir: Path,
         exchanges=exchanges,
         step=step,
         on_step=on_step,
-        checkpoint=lambda s: learner.checkpoint(s, diloco_ex.round if diloco_ex is not None else 0),
+        checkpoint=lambda step: learner.checkpoint(step, current_round()),
         host_statistics=getattr(host, "statistics", None),
     )
     return node

@@ -88,8 +88,8 @@ async def serve(cfg: NodeConfig) -> None:
                 await node.run()
             finally:
                 # Graceful stop or a crash: keep what the steps so far learned.
-                diloco = node.exchange("diloco")
-                await asyncio.to_thread(learner.checkpoint, node.step, diloco.round if diloco else 0)
+                if node.checkpoint is not None:
+                    await asyncio.to_thread(node.checkpoint, node.step)
                 log.info("stopped at step %d", node.step)
     finally:
         learner.close()

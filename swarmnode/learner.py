@@ -49,7 +49,7 @@ class Learner:
         self.last_eval = float("nan")
         self.rng = random.Random(seed)
         self.rejects: dict[str, int] = {}
-        # Verification runs on the event loop while generation runs in a worker thread; a HF fast
+        # Verification runs in its own worker thread while generation runs in another; a HF fast
         # tokenizer is not thread-safe (a call without padding switches padding off under a batched
         # call in flight: "Unable to create tensor"), so verification gets its own copy.
         self._verify_tokenizer = copy.deepcopy(policy.tokenizer)

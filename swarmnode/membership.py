@@ -141,12 +141,12 @@ class Membership:
         """Forget peers silent for 4 timeouts (they re-enter with their next presence)."""
         horizon = self.clock() - 4 * self.config.peer_timeout_s
         for table in (self.peers, self._members):
-            for p in [p for p, v in table.items() if (v[0] if isinstance(v, tuple) else v) < horizon]:
+            for p in [p for p, v in table.items() if _heard(v) < horizon]:
                 del table[p]
 
     def _bound(self, table: dict[str, Any]) -> None:
         while len(table) > self.config.max_peers:
-            stalest = min(table, key=lambda p: table[p][0] if isinstance(table[p], tuple) else table[p])
+            stalest = min(table, key=lambda p: _heard(table[p]))
             del table[stalest]
 
     # -- the wire ---------------------------------------------------------------------------------
@@ -209,3 +209,8 @@ class Membership:
             "peers_left": self.peers_left,
             **self.traffic.as_dict("presence"),
         }
+
+
+def _heard(entry: Any) -> float:
+    """When a table entry was last heard: peers hold (time, presence), cohort members a time."""
+    return float(entry[0] if isinstance(entry, tuple) else entry)
