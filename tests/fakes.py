@@ -25,6 +25,7 @@ T = TypeVar("T")
 
 COHORT_A = "aa" * 8  # cohort fingerprints must match protocol FINGERPRINT_RE
 COHORT_B = "bb" * 8
+SWARM = "test-swarm"
 
 
 # -- time -----------------------------------------------------------------------------------------
@@ -317,3 +318,37 @@ class TinyLearner:
         with self._arrived:
             out, self.external = self.external[:2], self.external[2:]
         return out
+
+
+def eve_presence() -> Any:
+    """A valid presence record from "eve": the wrong kind of record on any topic but presence."""
+    from swarmnode.protocol import Presence
+
+    return Presence(
+        peer_id="eve",
+        addrs=[],
+        swarm=SWARM,
+        cohort=COHORT_A,
+        engine="hf",
+        hardware="cpu",
+        step=0,
+        round=0,
+        samples=0,
+        anchor_hash="",
+    )
+
+
+def make_membership(host: Any, clock: FakeClock, cohort: str, status: Callable[[], Any]) -> Any:
+    """The Membership the exchange and node tests run: presence every 0.5 s, 5 s peer timeout."""
+    from swarmnode.membership import Membership, MembershipConfig
+
+    return Membership(
+        MembershipConfig(swarm=SWARM, presence_interval_s=0.5, peer_timeout_s=5.0),
+        host=host,
+        cohort=cohort,
+        engine="hf",
+        hardware="cpu",
+        addrs=lambda: [],
+        status=status,
+        clock=clock,
+    )

@@ -11,13 +11,12 @@ from typing import Any
 
 import pytest
 import torch
-from fakes import COHORT_A, COHORT_B, Bus, FakeClock, FakeHost, run, settle, with_started
-from swarmnode.protocol import Presence, codec, topics
+from fakes import COHORT_A, COHORT_B, SWARM, Bus, FakeClock, FakeHost, eve_presence, run, settle, with_started
+from swarmnode.protocol import codec, topics
 
 from swarmnode.exchange.demo import DemoExchange, DemoGossipConfig, encode_demo
 from swarmnode.optim.demo import DeMo
 
-SWARM = "test-swarm"
 TOPIC = topics.cohort_topic(SWARM, topics.DEMO, COHORT_A)
 
 
@@ -149,18 +148,7 @@ def test_hostile_components_are_dropped_and_counted() -> None:
     def demo_msgs(author: str, cohort: str, components: Any, peer: Peer) -> list[bytes]:
         return encode_demo(author, cohort, 0, components, spec_of(peer.model, peer.demo), "int8")
 
-    presence = Presence(
-        peer_id="eve",
-        addrs=[],
-        swarm=SWARM,
-        cohort=COHORT_A,
-        engine="hf",
-        hardware="cpu",
-        step=0,
-        round=0,
-        samples=0,
-        anchor_hash="",
-    )
+    presence = eve_presence()
     hostile = [
         b"\x00\x01 garbage",
         codec.encode(presence),  # a valid record of the wrong kind

@@ -13,18 +13,30 @@ from typing import Any
 
 import pytest
 import torch
-from fakes import COHORT_A, COHORT_B, Bus, FakeClock, FakeHost, TinyLearner, run, settle, with_started
+from fakes import (
+    COHORT_A,
+    COHORT_B,
+    SWARM,
+    Bus,
+    FakeClock,
+    FakeHost,
+    TinyLearner,
+    eve_presence,
+    make_membership,
+    run,
+    settle,
+    with_started,
+)
 from swarmnode.compression.pseudograd import encode_delta
-from swarmnode.protocol import Presence, RoundManifest, codec, topics
+from swarmnode.protocol import RoundManifest, codec, topics
 
 from swarmnode.aggregate import robust_mean
 from swarmnode.exchange.collect import MAX_ROUNDS_PER_AUTHOR
 from swarmnode.exchange.diloco import MAX_ROUNDS_AHEAD, DiLoCoExchange
-from swarmnode.membership import Membership, MembershipConfig, Status
+from swarmnode.membership import Membership, Status
 from swarmnode.optim.diloco import DiLoCo
 from swarmnode.rounds import RoundsConfig
 
-SWARM = "test-swarm"
 SAMPLES = 2  # groups per inner step: the averaging weight of a step-based round is 3 × 2
 
 
@@ -59,16 +71,7 @@ def make(
         p = holder[0]
         return Status(step=p.step, round=p.ex.round, anchor_hash=p.ex.anchor_hash, samples=0)
 
-    members = Membership(
-        MembershipConfig(swarm=SWARM, presence_interval_s=0.5, peer_timeout_s=5.0),
-        host=host,
-        cohort=cohort,
-        engine="hf",
-        hardware="cpu",
-        addrs=lambda: [],
-        status=status,
-        clock=clock,
-    )
+    members = make_membership(host, clock, cohort, status)
     rounds = {"merge_every": 3, "collect_seconds": 10.0, "join_wait_s": 0.0, **rounds}
     config = RoundsConfig(swarm=SWARM, **rounds)
     # lr 1, no momentum: the outer step moves the anchor to the (robust) mean of the replicas
@@ -340,18 +343,7 @@ def test_hostile_manifests_and_blobs_are_dropped_and_counted() -> None:
     a, b = make(bus, "peerA", clock), make(bus, "peerB", clock, drift=0.2)
     eve = FakeHost(bus, "eve")
     topic = topics.cohort_topic(SWARM, topics.ROUNDS, COHORT_A)
-    presence = Presence(
-        peer_id="eve",
-        addrs=[],
-        swarm=SWARM,
-        cohort=COHORT_A,
-        engine="hf",
-        hardware="cpu",
-        step=0,
-        round=0,
-        samples=0,
-        anchor_hash="",
-    )
+    presence = eve_presence()
     garbage_blob = b"\x93 not a pseudo-gradient"
     trudy = FakeHost(bus, "trudy")
 

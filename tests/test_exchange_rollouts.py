@@ -11,10 +11,12 @@ from typing import Any
 from fakes import (
     COHORT_A,
     COHORT_B,
+    SWARM,
     Bus,
     FakeClock,
     FakeHost,
     TinyLearner,
+    eve_presence,
     make_group,
     run,
     settle,
@@ -22,11 +24,10 @@ from fakes import (
     with_started,
 )
 from swarmnode.compression import framing
-from swarmnode.protocol import Presence, RolloutBatch, codec, topics
+from swarmnode.protocol import RolloutBatch, codec, topics
 
 from swarmnode.exchange.rollouts import RolloutExchange, RolloutsConfig, encode_batches, to_rollout_group
 
-SWARM = "test-swarm"
 TOPIC = topics.topic(SWARM, topics.ROLLOUTS)
 
 
@@ -89,18 +90,7 @@ def test_hostile_batches_are_dropped_or_rejected_and_counted() -> None:
         (raw,) = encode_batches(author, COHORT_A, 3, [to_rollout_group(g) for g in groups])
         return framing.compress(raw)
 
-    presence = Presence(
-        peer_id="eve",
-        addrs=[],
-        swarm=SWARM,
-        cohort=COHORT_A,
-        engine="hf",
-        hardware="cpu",
-        step=0,
-        round=0,
-        samples=0,
-        anchor_hash="",
-    )
+    presence = eve_presence()
 
     async def body() -> None:
         await eve.publish(TOPIC, b"\x00garbage")  # not a zstd frame

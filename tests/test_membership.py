@@ -8,13 +8,11 @@ from collections.abc import Coroutine
 from typing import Any
 
 import pytest
-from fakes import COHORT_A, COHORT_B, Bus, FakeClock, FakeHost, run, settle, with_started
+from fakes import COHORT_A, COHORT_B, SWARM, Bus, FakeClock, FakeHost, run, settle, with_started
 from swarmnode.protocol import RoundManifest, codec, topics
 
 from swarmnode.exchange.base import TransportClosed
 from swarmnode.membership import Membership, MembershipConfig, Status
-
-SWARM = "test-swarm"
 
 
 def make(

@@ -12,19 +12,30 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fakes import COHORT_A, COHORT_B, Bus, FakeClock, FakeHost, TinyLearner, make_group, run, verify_batch
+from fakes import (
+    COHORT_A,
+    COHORT_B,
+    SWARM,
+    Bus,
+    FakeClock,
+    FakeHost,
+    TinyLearner,
+    make_group,
+    make_membership,
+    run,
+    verify_batch,
+)
 from swarmnode.compression import framing
 from swarmnode.protocol import codec, topics
 
 from swarmnode.exchange.base import TransportClosed
 from swarmnode.exchange.diloco import DiLoCoExchange
 from swarmnode.exchange.rollouts import RolloutExchange, RolloutsConfig, encode_batches, to_rollout_group
-from swarmnode.membership import Membership, MembershipConfig, Status
+from swarmnode.membership import Status
 from swarmnode.node import LoopConfig, Node
 from swarmnode.optim.diloco import DiLoCo
 from swarmnode.rounds import RoundsConfig
 
-SWARM = "test-swarm"
 COLLECT_S = 10.0
 
 
@@ -51,16 +62,7 @@ def make_node(
         assert diloco is not None
         return Status(step=node.step, round=diloco.round, anchor_hash=diloco.anchor_hash, samples=0)
 
-    membership = Membership(
-        MembershipConfig(swarm=SWARM, presence_interval_s=0.5, peer_timeout_s=5.0),
-        host=host,
-        cohort=cohort,
-        engine="hf",
-        hardware="cpu",
-        addrs=lambda: [],
-        status=status,
-        clock=clock,
-    )
+    membership = make_membership(host, clock, cohort, status)
     rollouts = RolloutExchange(
         RolloutsConfig(swarm=SWARM),
         host=host,
