@@ -8,6 +8,7 @@ from typing import Any
 
 import multiaddr
 import trio
+from libp2p.abc import INotifee
 from libp2p.kad_dht.kad_dht import KadDHT
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
@@ -20,6 +21,42 @@ BACKOFF_MIN_S = 0.25
 BACKOFF_MAX_S = 5.0
 
 
+def forget_failure(host: Any, peer_id: ID) -> None:
+    """Lift the library's negative dial cache for one peer.
+
+    A peer whose addresses all failed once is refused for 60 s, before even checking for a live connection:
+    a restarted bootstrap stayed unreachable for a minute and streams to a peer that had reconnected to us
+    failed. Our own re-dial loop and the callers' timeouts bound retries instead.
+    """
+    with contextlib.suppress(Exception):
+        host.get_network().unblock_peer(peer_id)
+
+
+class ReconnectNotifee(INotifee):
+    """Forgets a peer's dial failures as soon as it connects (in either direction)."""
+
+    def __init__(self, host: Any) -> None:
+        self._host = host
+
+    async def connected(self, network: Any, conn: Any) -> None:
+        forget_failure(self._host, conn.muxed_conn.peer_id)
+
+    async def disconnected(self, network: Any, conn: Any) -> None:
+        pass
+
+    async def opened_stream(self, network: Any, stream: Any) -> None:
+        pass
+
+    async def closed_stream(self, network: Any, stream: Any) -> None:
+        pass
+
+    async def listen(self, network: Any, multiaddr: Any) -> None:
+        pass
+
+    async def listen_close(self, network: Any, multiaddr: Any) -> None:
+        pass
+
+
 class Dialer:
     """Runs in the trio thread. `new_host(bootstrap=...)` gives up for good after 3 failed re-dials; this never does."""
 
@@ -30,6 +67,7 @@ class Dialer:
         self.target_peers = target_peers
         self.stats = {"attempts": 0, "failures": 0, "dht_lookups": 0}
         self._lookup_due = 0.0
+        host.get_network().register_notifee(ReconnectNotifee(host))
 
     def statistics(self) -> dict[str, int]:
         return dict(self.stats)
@@ -78,6 +116,7 @@ class Dialer:
 
     async def _dial(self, info: PeerInfo) -> None:
         self.stats["attempts"] += 1
+        forget_failure(self.host, info.peer_id)
         try:
             with trio.fail_after(DIAL_TIMEOUT_S):
                 await self.host.connect(info)

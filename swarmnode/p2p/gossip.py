@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -33,6 +36,12 @@ EQUIVOCATION_MEMORY = 4096
 # The library's subscription channel holds 32 messages and drops the rest with only a warning; our
 # reader drains it into asyncio at once, but a larger channel absorbs scheduling hiccups.
 SUBSCRIPTION_CHANNEL = 4096
+# Message ids are (origin, seqno). The library seeds seqno with whole seconds and adds one per message, so a
+# node that sent 300 messages and restarted 5 s later re-issued 295 ids its peers had seen (dropped as
+# duplicates, then flagged as equivocation). We seed with nanoseconds and persist a floor reserved this far
+# ahead, so ids keep rising across restarts even if the clock steps back.
+SEQNO_FILE = "seqno"
+SEQNO_RESERVE = 1 << 32
 
 
 @dataclass(slots=True)
@@ -65,7 +74,9 @@ class GossipStats:
         return stats
 
 
-def build_gossipsub(host: Any, stats: GossipStats) -> tuple[Pubsub, GossipSub, DigestEquivocation]:
+def build_gossipsub(
+    host: Any, stats: GossipStats, data_dir: Path
+) -> tuple[Pubsub, GossipSub, DigestEquivocation]:
     router = GossipSub(
         protocols=[PROTOCOL_ID_V11, PROTOCOL_ID],
         degree=6,
@@ -84,10 +95,45 @@ def build_gossipsub(host: Any, stats: GossipStats) -> tuple[Pubsub, GossipSub, D
     )
     pubsub = Pubsub(host, router, strict_signing=True)
     pubsub.peer_queues = _RoomyQueues()
+    seqnos = SeqnoCounter(data_dir / SEQNO_FILE)
+    pubsub.counter = seqnos.value
+    pubsub._next_seqno = seqnos.take  # type: ignore[method-assign]
     equivocation = DigestEquivocation(router)
     router._check_equivocation = equivocation.check  # type: ignore[method-assign]
     _count_outbound_drops(router, stats)
     return pubsub, router, equivocation
+
+
+class SeqnoCounter:
+    """Message sequence numbers that never repeat for one identity, across restarts and clock steps."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        floor = 0
+        try:
+            floor = int(path.read_text().strip() or 0)
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError) as exc:
+            log.warning("seqno floor %s unreadable (%s); seeding from the clock alone", path, exc)
+        self.value = max(time.time_ns(), floor)
+        self._reserved = 0
+        self._reserve()
+
+    def take(self) -> bytes:
+        self.value += 1
+        if self.value >= self._reserved:
+            self._reserve()
+        return self.value.to_bytes(8, "big")
+
+    def _reserve(self) -> None:
+        self._reserved = self.value + SEQNO_RESERVE
+        tmp = self._path.with_suffix(".tmp")
+        try:
+            tmp.write_text(f"{self._reserved}\n")
+            os.replace(tmp, self._path)
+        except OSError as exc:  # the nanosecond seed alone still keeps ids apart unless the clock steps back
+            log.warning("could not persist the seqno floor to %s: %s", self._path, exc)
 
 
 class _RoomyQueues(dict[Any, Any]):

@@ -23,7 +23,7 @@ from libp2p.tools.anyio_service import background_trio_service
 
 from swarmnode.p2p.bridge import BridgeClosed, TrioBridge, open_trio_bridge
 from swarmnode.p2p.config import HostConfig, Message
-from swarmnode.p2p.dialer import Dialer
+from swarmnode.p2p.dialer import Dialer, forget_failure
 from swarmnode.p2p.gossip import (
     SUBSCRIPTION_CHANNEL,
     DigestEquivocation,
@@ -38,6 +38,7 @@ from swarmnode.p2p.streams import (
     BLOB_PROTOCOL,
     BlobStats,
     BlobStore,
+    BlobView,
     TransportError,
     fetch_from,
     read_frame,
@@ -266,6 +267,12 @@ class Host:
             raise ValueError(f"blob of {len(data)} bytes exceeds max_blob_bytes={self.config.max_blob_bytes}")
         return self._blobs.provide(data)
 
+    def provide_view(self, content_hash: str, size: int, read: Callable[[int, int], bytes]) -> None:
+        """Serve ``size`` bytes under ``content_hash``, read on demand (see ``BlobView``)."""
+        if size > self.config.max_blob_bytes:
+            raise ValueError(f"blob of {size} bytes exceeds max_blob_bytes={self.config.max_blob_bytes}")
+        self._blobs.provide_view(content_hash, BlobView(size, read))
+
     def remove_blob(self, content_hash: str) -> None:
         self._blobs.remove(content_hash)
 
@@ -322,6 +329,7 @@ class Host:
                 info = await state.dht.find_peer(pid)
                 if info is not None and info.addrs:
                     state.host.get_peerstore().add_addrs(pid, info.addrs, 3600)
+        forget_failure(state.host, pid)
         return await state.host.new_stream(pid, [TProtocol(protocol_id)])
 
     # -- peers and counters ----------------------------------------------------------------------------------
@@ -363,7 +371,7 @@ class Host:
         key_pair = load_or_create_identity(self.config.data_dir)
         listen = multiaddr.Multiaddr(f"/ip4/{self.config.listen_host}/tcp/{self.config.port}")
         host = new_host(key_pair=key_pair, listen_addrs=[listen], enable_mDNS=self.config.enable_mdns)
-        pubsub, router, equivocation = build_gossipsub(host, self._gossip)
+        pubsub, router, equivocation = build_gossipsub(host, self._gossip, self.config.data_dir)
         host.set_stream_handler(TProtocol(BLOB_PROTOCOL), self._blobs.serve)
         # The pubsub services must run before host.run(): an incoming pubsub stream crashes a node otherwise.
         async with background_trio_service(pubsub), background_trio_service(router):
