@@ -224,3 +224,13 @@ def test_robust_aggregate_reports_capped_weights_and_uses_the_method() -> None:
     # robust_mean is the same pipeline
     same = robust_mean(contribs, method="trimmed", ceiling=20.0, expected={"w": (64,)})
     assert torch.equal(same["w"], report.mean["w"])
+
+
+def test_aggregate_components_counts_a_repeating_peer_once_and_clips_its_values() -> None:
+    own = {"w": (torch.tensor([[0, 1]]), torch.tensor([[1.0, 2.0]]))}
+    push = {"w": (torch.tensor([[1]]), torch.tensor([[1e30]]))}
+    honest = {"w": (torch.tensor([[1]]), torch.tensor([[2.0]]))}
+    kw = {"n_chunks": {"w": 1}, "chunk_numel": {"w": 4}}
+    dense = aggregate_components(own, [honest, [push] * 40], **kw)
+    # coefficient 1: (2 + 2 + min(1e30, 4 x our largest 2)) / 3 peers that selected it, not / 42
+    torch.testing.assert_close(dense["w"], torch.tensor([[1.0, 4.0, 0.0, 0.0]]))

@@ -9,9 +9,20 @@ Per parameter, each step:
    per chunk by magnitude: the "fast components" gossiped to the cohort.
 3. error feedback: subtract what was sent from delta. The DCT is orthonormal, so subtracting the
    inverse transform of the sent coefficients equals subtracting them in the transform domain.
-4. aggregate own + peers' components, averaging each coefficient over the peers that *selected* it (the
-   reference's choice: a coefficient picked by one peer is not diluted by those that did not pick it),
-   inverse DCT, and ``p <- p - lr * sign(Q)`` with optional decoupled weight decay.
+4. combine own + peers' components by a **sign vote**: every contributor's components (a peer's
+   coefficients clipped to ``COEFF_CLIP`` x our own largest in that tensor, a coefficient it sent
+   several times counted once) are inverse-transformed into its own update ``Q_i``; each element
+   moves by ``-lr * sign(sum_i sign(Q_i))``, a tie going to our own sign; optional decoupled weight
+   decay. With no peers this is exactly ``p <- p - lr * sign(Q_own)``.
+
+Why a vote and not the reference's average over the peers that selected each coefficient: there, a
+coefficient only one peer selected is that peer's alone, so one peer pushing one large DC coefficient
+moved every element of a tensor its way. In the vote each distinct peer has one vote per element, so
+one peer's influence is bounded by 1/(peers+1) of the sign vote, whatever values or how many messages
+it sends: f Byzantine peers out of n contributors flip an element only where the honest votes are
+within 2f of a tie (signSGD with majority vote, Bernstein et al. 2019). The cost is one inverse DCT
+per contributor and tensor instead of one per tensor. Pass peers grouped (one list of component
+dicts per peer, ``PeerComponents``): a flat list counts each dict as a voter.
 
 The lr scales a sign update (every element moves by exactly lr each step), comparable to Adam's
 effective step size. 2e-3 is the constructor default (toy problems, few steps); for RL on the tiny
@@ -21,7 +32,7 @@ there). With no peers DeMo is signSGD on the top-k part of an error-fed momentum
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -62,6 +73,8 @@ class DeMo(torch.optim.Optimizer):
         self.transforms = {n: ChunkedDCT(tuple(p.shape), chunk=chunk, use_dct=use_dct) for n, p in named}
         self._own: Components | None = None
         self.last_energy_ratio = float("nan")
+        self.last_voters = 0  # distinct peers whose components entered the last step's vote
+        self.peer_tensors_skipped = 0  # a peer's tensor with nothing usable (malformed, non-finite)
 
     def _delta(self, p: torch.Tensor) -> torch.Tensor:
         state = self.state[p]
@@ -99,29 +112,42 @@ class DeMo(torch.optim.Optimizer):
         return out
 
     @torch.no_grad()
-    def apply_components(self, peers: list[Components]) -> None:
-        """Aggregate own (from compute_components) + peers' components and take the sign step.
+    def apply_components(self, peers: Sequence[Any]) -> None:
+        """Take the sign step on the vote of own (from compute_components) + peers' components.
 
-        Each coefficient is averaged over the contributors that selected it
-        (``swarmnode.aggregate.aggregate_components``, which also skips malformed peer entries)."""
-        from swarmnode.aggregate import aggregate_components
+        Each element of ``peers`` is one peer: a component dict, or the list of dicts it sent this
+        step (parts of split tensors, repeats); entries that do not fit our transform are skipped
+        (``swarmnode.aggregate.peer_coefficients``)."""
+        from swarmnode.aggregate import coefficient_clip, peer_coefficients
 
         if self._own is None:
             raise RuntimeError("apply_components: call compute_components() first in this step")
         group = self.param_groups[0]
         lr, wd = group["lr"], group["weight_decay"]
-        dense = aggregate_components(
-            self._own,
-            peers,
-            n_chunks={n: t.n_chunks for n, t in self.transforms.items()},
-            chunk_numel={n: t.chunk_numel for n, t in self.transforms.items()},
-        )
+        voters: set[int] = set()
         for name in self.names:
             p = self._by_name[name]
-            q = self.transforms[name].inverse(dense[name]).reshape(p.shape)
+            t = self.transforms[name]
+            idx, vals = self._own[name]
+            own_q = t.inverse(scatter_dense(idx, vals, t.n_chunks, t.chunk_numel)).reshape(p.shape)
+            own_sign = torch.sign(own_q)
+            votes = own_sign.clone()
+            bound = coefficient_clip(vals.detach().float())
+            for i, peer in enumerate(peers):
+                parts = [peer] if isinstance(peer, dict) else list(peer)
+                got = peer_coefficients(parts, name, n_chunks=t.n_chunks, chunk_numel=t.chunk_numel)
+                if got is None:
+                    if any(isinstance(d, dict) and name in d for d in parts):
+                        self.peer_tensors_skipped += 1
+                    continue
+                coeffs = got[0] if bound == float("inf") else got[0].clamp(-bound, bound)
+                votes.add_(torch.sign(t.inverse(coeffs).reshape(p.shape)))
+                voters.add(i)
+            update = torch.where(votes != 0, torch.sign(votes), own_sign)
             if wd:
                 p.mul_(1 - lr * wd)
-            p.add_(torch.sign(q).to(p.dtype), alpha=-lr)
+            p.add_(update.to(device=p.device, dtype=p.dtype), alpha=-lr)
+        self.last_voters = len(voters)
         self._own = None
 
     @torch.no_grad()
@@ -134,3 +160,9 @@ class DeMo(torch.optim.Optimizer):
         self.compute_components()
         self.apply_components([])
         return loss
+
+
+def scatter_dense(idx: torch.Tensor, vals: torch.Tensor, n_chunks: int, chunk_numel: int) -> torch.Tensor:
+    """Our own top-k components as dense ``[n_chunks, chunk_numel]`` fp32 coefficients."""
+    out = torch.zeros(n_chunks, chunk_numel, dtype=torch.float32)
+    return out.scatter_(1, idx.to(torch.int64).cpu(), vals.detach().to(torch.float32).cpu())
