@@ -161,7 +161,10 @@ class TrainSection:
     # held-out problems per evaluation (greedy exact match): accuracy moves in steps of 1/eval_prompts
     eval_prompts: int = 64
     group_size: int = 8
-    local_groups: int = 4
+    # Borrowed groups come on top of a full local batch, never instead of it: inside a merging cohort
+    # 4 local / 4 borrowed did worse than 8 / 0 (the merge already pools the cohort's experience), and
+    # 8 / +4 did best (README, bench_swarm); across cohorts borrowing is the only channel.
+    local_groups: int = 8
     external_groups: int = 4
     lr: float = 1e-5
     max_new_tokens: int = 64
