@@ -176,3 +176,102 @@ def test_sharing_off_sends_nothing_and_takes_nothing() -> None:
     assert a.traffic.bytes_sent == 0
     assert a.traffic.messages_received == 0
     assert b.traffic.messages_received == 0
+
+
+def test_a_batch_replayed_100_times_counts_once() -> None:
+    clock = FakeClock()
+    bus = Bus()
+    a, learner = make(bus, "peerA")
+    eve = FakeHost(bus, "eve")
+    (raw,) = encode_batches("eve", COHORT_B, 3, [to_rollout_group(make_group(i)) for i in range(2)])
+    # the same groups under a new step and timestamp are the same experience
+    (again,) = encode_batches("eve", COHORT_B, 4, [to_rollout_group(make_group(1))])
+
+    async def body() -> None:
+        for _ in range(100):
+            await eve.publish(TOPIC, framing.compress(raw))
+        await eve.publish(TOPIC, framing.compress(again))
+        await settle()
+
+    run(_running([a], body()), clock)
+    assert a.external_groups == 2
+    assert len(learner.external) == 2
+    stats = a.statistics()
+    assert (stats["duplicate_groups"], stats["duplicate_batches"]) == (2 * 99 + 1, 100)
+
+
+def test_the_seen_set_is_bounded_and_old_batches_are_refused() -> None:
+    from swarmnode.exchange.rollouts import SeenSet
+
+    seen = SeenSet(3)
+    assert all(seen.add(bytes([i])) for i in range(5))
+    assert len(seen) == 3
+    assert bytes([4]) in seen
+    assert bytes([0]) not in seen  # forgotten: a replay of it is refused by age instead
+
+    clock = FakeClock()
+    bus = Bus()
+    a, _ = make(bus, "peerA", max_age_s=60.0)
+    a.wall_clock = lambda: 1e12  # the batch below was created "now" by the real clock: long ago here
+    b, _ = make(bus, "peerB")
+
+    async def body() -> None:
+        await b.on_collected(0, [make_group(0)])
+        await settle()
+
+    run(_running([a, b], body()), clock)
+    assert a.external_groups == 0
+    assert a.statistics()["old_batches"] == 1
+
+
+def _trainer_group(index: int, answer: str, rewards: tuple[float, ...]) -> Any:
+    from swarmnode.tasks.base import Problem
+    from swarmnode.trainer import Group
+
+    problem = Problem(family="reverse", seed=1, index=index, prompt="p", answer=answer)
+    return Group(problem=problem, samples=[], rewards=list(rewards))
+
+
+def test_policy_prefers_other_cohorts_and_problems_this_node_fails_on() -> None:
+    from swarmnode.exchange.rollouts import SharingPolicy
+
+    policy = SharingPolicy(RolloutsConfig(swarm=SWARM), COHORT_A)
+    # we solve 3-letter words and fail 6-letter ones
+    policy.observe_local([_trainer_group(0, "abc", (1.0, 1.0)), _trainer_group(1, "abcdef", (0.0, 0.0))])
+    easy_other = _trainer_group(10, "xyz", (1.0, 0.0))
+    hard_same = _trainer_group(11, "uvwxyz", (1.0, 0.0))
+    hard_other = _trainer_group(12, "uvwxyz", (0.0, 1.0))
+    policy.add("peerB", COHORT_A, [hard_same], step=5)
+    policy.add("peerC", COHORT_B, [easy_other, hard_other], step=5)
+    assert hard_other.meta == {"arrival_step": 5, "cohort": "other"}
+    assert policy.take(5, 2) == [hard_other, hard_same]
+    assert policy.take(5, 2) == [easy_other]
+    assert policy.counts["borrowed_other_cohort"] == 2
+    assert policy.counts["borrowed_same_cohort"] == 1
+
+
+def test_pooled_groups_go_stale_and_same_cohort_weight_0_never_borrows() -> None:
+    from swarmnode.exchange.rollouts import SharingPolicy
+
+    policy = SharingPolicy(RolloutsConfig(swarm=SWARM, staleness_steps=2), COHORT_A)
+    policy.add("peerC", COHORT_B, [_trainer_group(1, "ab", (1.0, 0.0))], step=0)
+    assert policy.take(3, 4) == []
+    assert policy.counts["pool_stale"] == 1
+    own = SharingPolicy(RolloutsConfig(swarm=SWARM, same_cohort_weight=0.0), COHORT_A)
+    own.add("peerB", COHORT_A, [_trainer_group(1, "ab", (1.0, 0.0))], step=0)
+    assert len(own) == 0
+
+
+def test_config_bounds_are_checked() -> None:
+    import pytest
+
+    with pytest.raises(ValueError, match="same_cohort_weight"):
+        RolloutsConfig(same_cohort_weight=2.0)
+    with pytest.raises(ValueError, match="seen_groups"):
+        RolloutsConfig(seen_groups=0)
+
+
+def test_pool_staleness_default_is_the_train_sections() -> None:
+    from swarmnode.config import TrainSection
+
+    assert RolloutsConfig().staleness_steps == TrainSection().staleness_steps
