@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import string
 import tempfile
@@ -242,3 +243,36 @@ def build_vllm_tiny_policy(
     """
     overrides = {**VLLM_TINY_SPEC, **spec_overrides}
     return build_tiny_policy(out_dir, family=family, seed=seed, warmup_steps=warmup_steps, **overrides)
+
+
+# Named variants for heterogeneous local swarms: "tiny-<hidden>[x<layers>][-w<warm-up steps>]", e.g.
+# tiny-64 (the default spec), tiny-128 (twice as wide: another architecture, so another cohort),
+# tiny-64-w100 (the default model, warmed up less: a weaker node). 4 heads throughout (head size
+# hidden/4); the tokenizer is the same, so every variant can verify and learn from the others' text.
+TINY_VARIANT_RE = re.compile(r"tiny-(\d+)(?:x(\d+))?(?:-w(\d+))?")
+
+
+def tiny_variant(name: str) -> dict[str, int] | None:
+    """``build_tiny_policy`` keyword arguments for a variant name, or None if ``name`` is not one."""
+    m = TINY_VARIANT_RE.fullmatch(name)
+    if m is None:
+        return None
+    hidden, layers, warmup = m.groups()
+    spec: dict[str, int] = {"hidden_size": int(hidden)}
+    if layers is not None:
+        spec["num_layers"] = int(layers)
+    if warmup is not None:
+        spec["warmup_steps"] = int(warmup)
+    TinyModelSpec(**{k: v for k, v in spec.items() if k != "warmup_steps"})  # ValueError if invalid
+    return spec
+
+
+def build_tiny_variant(out_dir: str | os.PathLike[str], name: str, *, family: str = "reverse") -> Path:
+    """Build (or reuse) the tiny variant ``name`` (see ``TINY_VARIANT_RE``) in ``out_dir``."""
+    spec = tiny_variant(name)
+    if spec is None:
+        raise ValueError(
+            f"not a tiny model variant: {name!r} (expected e.g. tiny-64, tiny-128x2, tiny-64-w100)"
+        )
+    warmup = spec.pop("warmup_steps", None)
+    return build_tiny_policy(out_dir, family=family, warmup_steps=warmup, **spec)  # type: ignore[arg-type]
