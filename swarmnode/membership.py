@@ -5,6 +5,21 @@ anchor hash, samples) and keeps the newest one heard from each peer. A peer not 
 ``peer_timeout_s`` is no longer expected by anyone (rounds stop waiting for it), and is pruned from
 the table after a few timeouts, so the table's size is bounded by the live swarm plus ``max_peers``.
 A stopping node publishes ``status="leaving"``: it is dropped at once.
+
+Hostile peers. Identities are free, so nothing here trusts a count of them:
+
+- **Rate limit.** Each peer id has a token bucket (``presence_rate`` per second, ``presence_burst``
+  deep); presences beyond it are dropped and counted (``presence/rate_limited``) before decoding.
+- **Plausible peers.** A presence counts for the cohort (``announced_cohort``, ``wait_cohort``) only
+  if its round is within ``round_bound()`` (set by the DiLoCo exchange: no claims of round 2**62) and
+  the peer is either connected to us or has been heard ``min_presences`` times over at least
+  ``min_presence_span_s``: a burst of fresh Sybil identities counts for nothing.
+- **Who a round waits for** (``cohort_peers``) is narrower still: plausible peers that are connected
+  to us, or whose contribution we merged in a recent round (``note_contributor``), and round
+  manifest authors that are one of those. 150 Sybil presences relayed by one attacker do not make
+  a single round wait.
+- **Bounded state.** Every table (presences, manifest authors, contributors, rate buckets) is an LRU
+  of at most ``max_peers`` entries, evicted in O(1), and pruned after 4 peer timeouts.
 """
 
 from __future__ import annotations
@@ -13,6 +28,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -28,15 +44,59 @@ class MembershipConfig:
     swarm: str = "default"
     presence_interval_s: float = 2.0
     peer_timeout_s: float = 15.0
-    max_peers: int = 4096  # peer table bound; the stalest entry goes first
+    max_peers: int = 4096  # bound of every per-peer table; the stalest entry goes first
+    # An honest peer sends one presence per its interval (0.5-2 s in practice) plus a leave notice:
+    # 5/s with a burst of 10 never touches one, and drops 95 % of a 100/s flood.
+    presence_rate: float = 5.0
+    presence_burst: int = 10
+    # A peer not connected to us counts after this many presences spread over this long (default:
+    # half our interval), so freshly minted identities cost a sustained stream of signed messages.
+    min_presences: int = 2
+    min_presence_span_s: float | None = None
 
     def __post_init__(self) -> None:
+        if not self.presence_rate > 0 or self.presence_burst < 1:
+            raise ValueError(
+                f"presence_rate, presence_burst must be > 0, >= 1, got {self.presence_rate}, {self.presence_burst}"
+            )
+        if self.min_presences < 1:
+            raise ValueError(f"min_presences must be >= 1, got {self.min_presences}")
         if not self.presence_interval_s > 0:
             raise ValueError(f"presence_interval_s must be > 0, got {self.presence_interval_s}")
         if not self.peer_timeout_s > 0:
             raise ValueError(f"peer_timeout_s must be > 0, got {self.peer_timeout_s}")
         if self.max_peers < 1:
             raise ValueError(f"max_peers must be >= 1, got {self.max_peers}")
+
+
+@dataclass(slots=True)
+class _Heard:
+    """One peer's presence history: enough to judge plausibility, nothing that grows."""
+
+    first: float
+    last: float
+    count: int
+    presence: Any
+
+
+@dataclass(slots=True)
+class _Bucket:
+    tokens: float
+    at: float
+
+
+class _LRU(OrderedDict[str, Any]):
+    """A dict that keeps its most recently touched keys last and at most ``limit`` of them."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+
+    def touch(self, key: str, value: Any) -> None:
+        self[key] = value
+        self.move_to_end(key)
+        while len(self) > self.limit:
+            self.popitem(last=False)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -73,49 +133,97 @@ class Membership:
         self.clock = clock
         self.topic = topics.topic(config.swarm, topics.PRESENCE)
         self.traffic = Traffic()
-        self.peers: dict[str, tuple[float, Any]] = {}  # peer id -> (last heard, presence)
-        self._members: dict[str, float] = {}  # cohort peers seen through their round manifests
+        limit = config.max_peers
+        self.peers: _LRU = _LRU(limit)  # peer id -> _Heard, stalest first
+        self._members: _LRU = _LRU(limit)  # cohort peers seen through their round manifests -> time
+        self._contributors: _LRU = _LRU(limit)  # peers whose contribution we merged -> time
+        self._buckets: _LRU = _LRU(limit)  # peer id -> _Bucket (presence rate limit)
+        # The newest round an honest peer can be in (the DiLoCo exchange sets it); None: no bound.
+        self.round_bound: Callable[[], int] | None = None
         self._changed = asyncio.Event()
         self.peers_left = 0
+        self.rate_limited = 0
+        self.implausible = 0  # presences heard with a round past round_bound
         self._heartbeat: asyncio.Task[None] | None = None
 
     # -- the table --------------------------------------------------------------------------------
 
+    def _live(self, t: float, now: float) -> bool:
+        return now - t <= self.config.peer_timeout_s
+
+    def _connected(self) -> set[str]:
+        try:
+            return {str(p) for p in self.host.connected_peers()}
+        except Exception:  # a transport shutting down: nobody counts as connected
+            return set()
+
     def live_peers(self) -> list[str]:
         now = self.clock()
-        return [p for p, (t, _) in self.peers.items() if now - t <= self.config.peer_timeout_s]
+        return [p for p, h in self.peers.items() if self._live(h.last, now)]
+
+    def plausible_presences(self, connected: set[str] | None = None) -> dict[str, Any]:
+        """{peer: presence} of the live peers whose presence counts: round within ``round_bound``,
+        and connected to us or heard ``min_presences`` times over ``min_presence_span_s``."""
+        now = self.clock()
+        conn = self._connected() if connected is None else connected
+        bound = self.round_bound() if self.round_bound is not None else None
+        span = self.config.min_presence_span_s
+        if span is None:
+            span = self.config.presence_interval_s / 2
+        out = {}
+        for p, h in self.peers.items():
+            if not self._live(h.last, now):
+                continue
+            if bound is not None and int(getattr(h.presence, "round", 0)) > bound:
+                continue
+            repeated = h.count >= self.config.min_presences and h.last - h.first >= span
+            if p in conn or repeated:
+                out[p] = h.presence
+        return out
 
     def cohort_peers(self) -> list[str]:
+        """The peers a round waits for: plausible cohort peers that are connected to us or whose
+        contribution we merged recently, and round manifest authors that are one of those."""
         now = self.clock()
-        timeout = self.config.peer_timeout_s
-        members = {p for p, t in self._members.items() if now - t <= timeout}
-        return sorted(members | set(self.announced_cohort()))
+        conn = self._connected()
+        horizon = 4 * self.config.peer_timeout_s
+        proven = conn | {p for p, t in self._contributors.items() if now - t <= horizon}
+        members = {p for p, t in self._members.items() if self._live(t, now) and p in proven}
+        announced = {p for p in self._announced(conn) if p in proven}
+        return sorted(members | announced)
 
     def presences(self) -> dict[str, Any]:
-        return {p: presence for p, (_, presence) in self.peers.items()}
+        """Every presence held (plausible or not); ``plausible_presences`` is what to trust."""
+        return {p: h.presence for p, h in self.peers.items()}
 
     def presence_of(self, peer: str) -> Any:
         entry = self.peers.get(peer)
-        return None if entry is None else entry[1]
+        return None if entry is None else entry.presence
 
     def note_member(self, peer: str) -> None:
         """A cohort peer proved itself active another way (a round manifest)."""
-        self._members[peer] = self.clock()
-        self._bound(self._members)
+        self._members.touch(peer, self.clock())
+
+    def note_contributor(self, peer: str) -> None:
+        """We fetched, checked and merged this peer's contribution: rounds wait for it from now on,
+        even when it reaches us only through relays."""
+        self._contributors.touch(peer, self.clock())
 
     def announced_cohort(self) -> list[str]:
-        """Live cohort peers whose presence we hold (what a catch-up decision reads)."""
-        now = self.clock()
+        """Live, plausible cohort peers whose presence we hold (what a catch-up decision reads)."""
+        return self._announced(self._connected())
+
+    def _announced(self, conn: set[str]) -> list[str]:
         return sorted(
             p
-            for p, (t, presence) in self.peers.items()
-            if now - t <= self.config.peer_timeout_s and getattr(presence, "cohort", None) == self.cohort
+            for p, presence in self.plausible_presences(conn).items()
+            if getattr(presence, "cohort", None) == self.cohort
         )
 
     async def wait_cohort(self, n: int, timeout_s: float) -> bool:
-        """Wait (at most ``timeout_s``) until the presence of ``n`` cohort peers arrived; True if so.
-        A round manifest alone does not count: a joiner needs their presence (round, anchor) to
-        decide whether to catch up before its first step."""
+        """Wait (at most ``timeout_s``) until the presence of ``n`` plausible cohort peers arrived;
+        True if so. A round manifest alone does not count: a joiner needs their presence (round,
+        anchor) to decide whether to catch up before its first step."""
         deadline = self.clock() + timeout_s
         while len(self.announced_cohort()) < n:
             remaining = deadline - self.clock()
@@ -126,28 +234,50 @@ class Membership:
                 await asyncio.wait_for(self._changed.wait(), min(remaining, 0.25))
         return True
 
+    def allow(self, origin: str) -> bool:
+        """Take one token from ``origin``'s presence bucket; False (counted) when it is empty."""
+        now = self.clock()
+        rate, burst = self.config.presence_rate, float(self.config.presence_burst)
+        b = self._buckets.get(origin)
+        if b is None:
+            b = _Bucket(tokens=burst, at=now)
+        else:
+            b.tokens = min(burst, b.tokens + (now - b.at) * rate)
+            b.at = now
+        self._buckets.touch(origin, b)
+        if b.tokens < 1.0:
+            self.rate_limited += 1
+            return False
+        b.tokens -= 1.0
+        return True
+
     def observe(self, origin: str, record: Any) -> None:
         if getattr(record, "status", "active") == "leaving":
             # Gone now: rounds in collection stop waiting for it (no peer timeout to sit out).
             self.peers.pop(origin, None)
             self._members.pop(origin, None)
+            self._contributors.pop(origin, None)
             self.peers_left += 1
         else:
-            self.peers[origin] = (self.clock(), record)
-            self._bound(self.peers)
+            now = self.clock()
+            if self.round_bound is not None and int(getattr(record, "round", 0)) > self.round_bound():
+                self.implausible += 1
+            old = self.peers.get(origin)
+            if old is None or not self._live(old.last, now):
+                heard = _Heard(first=now, last=now, count=1, presence=record)
+            else:
+                heard = _Heard(first=old.first, last=now, count=min(old.count + 1, 1 << 20), presence=record)
+            self.peers.touch(origin, heard)
         self._changed.set()
 
     def prune(self) -> None:
         """Forget peers silent for 4 timeouts (they re-enter with their next presence)."""
         horizon = self.clock() - 4 * self.config.peer_timeout_s
-        for table in (self.peers, self._members):
-            for p in [p for p, v in table.items() if _heard(v) < horizon]:
-                del table[p]
-
-    def _bound(self, table: dict[str, Any]) -> None:
-        while len(table) > self.config.max_peers:
-            stalest = min(table, key=lambda p: _heard(table[p]))
-            del table[stalest]
+        for table in (self.peers, self._members, self._contributors):
+            while table and _heard(next(iter(table.values()))) < horizon:
+                table.popitem(last=False)
+        while self._buckets and next(iter(self._buckets.values())).at < horizon:
+            self._buckets.popitem(last=False)
 
     # -- the wire ---------------------------------------------------------------------------------
 
@@ -173,6 +303,9 @@ class Membership:
         self.traffic.bytes_sent += len(data)
 
     def _handle(self, origin: str, data: bytes) -> None:
+        if not self.allow(origin):
+            self.traffic.dropped += 1  # counted, not logged: a flood would flood the log too
+            return
         record = codec.decode(data)
         if not isinstance(record, Presence):
             raise ValueError(f"expected a presence record, got {type(record).__name__}")
@@ -207,10 +340,13 @@ class Membership:
             "peers": len(self.live_peers()),
             "cohort_peers": len(self.cohort_peers()),
             "peers_left": self.peers_left,
+            "presence/rate_limited": self.rate_limited,
+            "presence/implausible": self.implausible,
+            "presence/table": len(self.peers),
             **self.traffic.as_dict("presence"),
         }
 
 
 def _heard(entry: Any) -> float:
-    """When a table entry was last heard: peers hold (time, presence), cohort members a time."""
-    return float(entry[0] if isinstance(entry, tuple) else entry)
+    """When a table entry was last heard: peers hold a ``_Heard``, the other tables a time."""
+    return float(entry.last if isinstance(entry, _Heard) else entry)

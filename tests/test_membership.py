@@ -69,8 +69,9 @@ def test_peers_hear_each_others_presence_and_split_by_cohort() -> None:
 
 def test_a_silent_peer_times_out_and_is_pruned_later() -> None:
     clock = FakeClock()
-    a, _ = make(Bus(), "peerA", clock)
-    record = codec.decode(codec.encode(make(Bus(), "peerB", clock)[0].record()))
+    bus = Bus()
+    a, _ = make(bus, "peerA", clock)
+    record = codec.decode(codec.encode(make(bus, "peerB", clock)[0].record()))  # peerB: connected
     a.observe("peerB", record)
     assert a.cohort_peers() == ["peerB"]
     clock.advance(5.0)
@@ -87,7 +88,9 @@ def test_a_silent_peer_times_out_and_is_pruned_later() -> None:
 
 def test_a_round_manifest_counts_as_membership_until_the_timeout() -> None:
     clock = FakeClock()
-    a, _ = make(Bus(), "peerA", clock)
+    bus = Bus()
+    a, _ = make(bus, "peerA", clock)
+    FakeHost(bus, "peerD")  # connected to us
     a.note_member("peerD")
     assert a.cohort_peers() == ["peerD"]
     clock.advance(5.1)
@@ -205,7 +208,9 @@ def test_wait_cohort_needs_their_presence_not_only_a_round_manifest() -> None:
     """A joiner decides whether to catch up from its peers' presence (round, anchor): a round
     manifest makes a peer a cohort member, but is not enough to end the join wait."""
     clock = FakeClock()
-    a, _ = make(Bus(), "peerA", clock)
+    bus = Bus()
+    a, _ = make(bus, "peerA", clock)
+    FakeHost(bus, "peerB")
     a.note_member("peerB")
     assert a.cohort_peers() == ["peerB"]
     results: list[bool] = []
@@ -216,3 +221,121 @@ def test_wait_cohort_needs_their_presence_not_only_a_round_manifest() -> None:
     run(_run_for([a], body()), clock)
     assert results == [False]
     assert a.announced_cohort() == []
+
+
+# -- hostile peers --------------------------------------------------------------------------------
+
+
+def _presence_from(name: str, clock: FakeClock, rnd: int = 1) -> Any:
+    m = Membership(
+        MembershipConfig(swarm=SWARM),
+        host=FakeHost(Bus(), name),
+        cohort=COHORT_A,
+        engine="hf",
+        hardware="cpu",
+        addrs=lambda: [],
+        status=lambda: Status(step=3, round=rnd),
+        clock=clock,
+    )
+    return codec.encode(m.record())
+
+
+def test_a_peer_flooding_100_presences_a_second_is_counted_and_its_excess_dropped() -> None:
+    clock = FakeClock()
+    bus = Bus()
+    a, _ = make(bus, "peerA", clock)
+    FakeHost(bus, "eve")
+    data = _presence_from("eve", clock)
+    for _ in range(10):  # ten seconds at 100 presences/s
+        for _ in range(100):
+            a._handle("eve", data)
+            clock.advance(0.01)
+    stats = a.statistics()
+    # a burst of 10, then 5 a second: 59-60 of 1,000 taken, the rest dropped without decoding
+    limited = stats["presence/rate_limited"]
+    assert 940 <= limited <= 941
+    assert stats["presence/dropped"] == limited
+    assert a.presence_of("eve") is not None
+    # an honest peer at its interval is never limited
+    b = _presence_from("peerB", clock)
+    for _ in range(50):
+        a._handle("peerB", b)
+        clock.advance(1.0)
+    assert a.statistics()["presence/rate_limited"] == limited
+
+
+def test_150_sybil_presences_do_not_join_the_set_a_round_waits_for() -> None:
+    clock = FakeClock()
+    bus = Bus()
+    a, _ = make(bus, "peerA", clock)
+    FakeHost(bus, "peerB")  # one honest, connected peer
+    a.observe("peerB", codec.decode(_presence_from("peerB", clock)))
+    sybils = [_sybil(i) for i in range(150)]  # relayed by an attacker: not connected to us
+    for _ in range(5):  # they keep repeating, so they become plausible presences
+        for s in sybils:
+            a.observe(s, codec.decode(_presence_from(s, clock)))
+            a.note_member(s)  # and even publish round manifests
+        clock.advance(1.0)
+    assert len(a.announced_cohort()) == 151  # their presences count as heard ...
+    assert a.cohort_peers() == ["peerB"]  # ... but no round waits for them
+    # a peer whose contribution we merged is waited for, connected or not
+    a.note_contributor(_sybil(7))
+    assert a.cohort_peers() == sorted(["peerB", _sybil(7)])
+
+
+def test_a_fresh_identity_counts_only_after_repeated_presences_unless_connected() -> None:
+    clock = FakeClock()
+    bus = Bus()
+    a, _ = make(bus, "peerA", clock)
+    a.observe("far", codec.decode(_presence_from("far", clock)))
+    assert a.announced_cohort() == []  # once is not enough for a peer we are not connected to
+    clock.advance(0.1)
+    a.observe("far", codec.decode(_presence_from("far", clock)))
+    assert a.announced_cohort() == []  # twice within a blink is not "repeatedly"
+    clock.advance(1.0)
+    a.observe("far", codec.decode(_presence_from("far", clock)))
+    assert a.announced_cohort() == ["far"]
+    FakeHost(bus, "near")
+    a.observe("near", codec.decode(_presence_from("near", clock)))
+    assert a.announced_cohort() == ["far", "near"]
+
+
+def test_a_presence_claiming_round_2_62_is_not_plausible() -> None:
+    clock = FakeClock()
+    bus = Bus()
+    a, _ = make(bus, "peerA", clock)
+    a.round_bound = lambda: 10
+    FakeHost(bus, "Liar")
+    a.observe("Liar", codec.decode(_presence_from("Liar", clock, rnd=2**62)))
+    a.observe("peerB", codec.decode(_presence_from("peerB", clock, rnd=10)))
+    FakeHost(bus, "peerB")
+    assert a.announced_cohort() == ["peerB"]
+    assert a.cohort_peers() == ["peerB"]
+    assert "Liar" not in a.plausible_presences()
+    assert a.statistics()["presence/implausible"] == 1
+    assert a.presence_of("Liar") is not None  # held (bounded), never trusted
+
+
+def test_every_table_stays_bounded_and_pruned_under_sybil_churn() -> None:
+    clock = FakeClock()
+    a, _ = make(Bus(), "peerA", clock, max_peers=100)
+    record = codec.decode(_presence_from("peerB", clock))
+    for i in range(5000):  # 5,000 identities come and go
+        name = _sybil(i)
+        assert a.allow(name)
+        a.observe(name, record)
+        a.note_member(name)
+        a.note_contributor(name)
+        clock.advance(0.01)
+    assert len(a.peers) <= 100
+    assert len(a._members) <= 100
+    assert len(a._contributors) <= 100
+    assert len(a._buckets) <= 100
+    clock.advance(4 * 5.0 + 1)
+    a.prune()
+    assert (len(a.peers), len(a._members), len(a._contributors), len(a._buckets)) == (0, 0, 0, 0)
+
+
+def _sybil(i: int) -> str:
+    """A valid (base58) peer id per number."""
+    return "Sy" + str(i).replace("0", "z")
