@@ -3,6 +3,11 @@ and a summary (JSON + PNG) of how each node learned.
 
 Each node is its own OS process with its own port and data dir, exactly as on separate machines;
 node 0's printed multiaddr is the bootstrap address of the others (any node would do).
+
+A swarm can mix models (each its own cohort: DiLoCo merges within it, rollouts cross every cohort),
+optimizers and speeds (``--mix tiny-64:2,tiny-128:1,tiny-128:1:slow=3``); the default run also starts
+one node alone (its own swarm id, no sharing, no merges, the same model and share of the cores) so
+the summary and plot show what joining buys.
 """
 
 from __future__ import annotations
@@ -12,13 +17,14 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import IO, Any
 
 from swarmnode.config import check_swarm_id
-from swarmnode.swarmreport import status_table, summarize
+from swarmnode.swarmreport import status_table, summarize, summary_lines
 
 # Printed by the daemon on start; the launcher greps for it to learn node 0's full address.
 MULTIADDR_PREFIX = "swarmnode listening on "
@@ -50,6 +56,90 @@ TINY_MODEL_ARGS = [
 # The default CPU demo: a time budget rather than a step count, since the processes share the cores;
 # the tiny model needs a few hundred GRPO steps before held-out accuracy moves.
 DEMO_DURATION_S = 240.0
+# Nodes the default demo runs alone beside the swarm, for the side-by-side picture.
+DEMO_ALONE = 1
+# A throttled node runs in slices of this long, stopped (SIGSTOP) for (slow - 1) slices in between:
+# a machine `slow` times slower, whose idle share of the cores goes to the others.
+THROTTLE_SLICE_S = 0.1
+
+
+@dataclass(kw_only=True, slots=True)
+class MixEntry:
+    """``count`` nodes of one kind: a model (a tiny variant name, a dir or a hub id), an optional
+    optimizer, a slowdown factor, and extra `run` flags."""
+
+    model: str
+    count: int = 1
+    optimizer: str = ""  # "" : the run default
+    slow: float = 1.0
+    args: list[str] = field(default_factory=list)
+    label: str = ""  # the cohort's name in the table and plot (default: the model as given)
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ValueError("mix: every entry needs a model")
+        if not 1 <= self.count <= 64:
+            raise ValueError(f"mix: count must be in 1..64, got {self.count}")
+        if self.optimizer not in ("", "adamw", "demo"):
+            raise ValueError(f"mix: optimizer must be adamw or demo, got {self.optimizer!r}")
+        if not 1.0 <= self.slow <= 100.0:
+            raise ValueError(f"mix: slow must be in [1, 100], got {self.slow}")
+        self.label = self.label or self.model
+
+
+def parse_mix(text: str) -> list[MixEntry]:
+    """``MODEL[:COUNT][:OPTION...]`` entries, comma separated. Options: ``adamw`` / ``demo`` (the
+    optimizer), ``slow=F`` (throttled F times), ``KEY=VALUE`` (``--KEY VALUE`` for those nodes' run).
+
+    >>> [(e.model, e.count, e.slow) for e in parse_mix("tiny-64:2,tiny-128:1:slow=3")]
+    [('tiny-64', 2, 1.0), ('tiny-128', 1, 3.0)]
+    """
+    entries = []
+    for raw in text.split(","):
+        parts = [p.strip() for p in raw.strip().split(":")]
+        if not parts[0]:
+            raise ValueError(f"mix: empty entry in {text!r}")
+        model, rest = parts[0], parts[1:]
+        count = 1
+        if rest and rest[0].isdigit():
+            count = int(rest.pop(0))
+        optimizer, slow, args = "", 1.0, []
+        for opt in rest:
+            key, eq, value = opt.partition("=")
+            if not eq and key in ("adamw", "demo"):
+                optimizer = key
+            elif key == "slow" and eq:
+                try:
+                    slow = float(value)
+                except ValueError:
+                    raise ValueError(f"mix: slow must be a number, got {value!r}") from None
+            elif eq and key and value:
+                args += [f"--{key}", value]
+            else:
+                raise ValueError(f"mix: unknown option {opt!r} in {raw!r} (adamw, demo, slow=F or KEY=VALUE)")
+        entries.append(MixEntry(model=model, count=count, optimizer=optimizer, slow=slow, args=args))
+    return entries
+
+
+@dataclass(kw_only=True, slots=True)
+class Member:
+    """One node of a plan, resolved."""
+
+    model: str
+    cohort: str  # label shown for its cohort (its model)
+    args: list[str]
+    slow: float = 1.0
+    alone: bool = False
+    engine: str = ""
+
+    @property
+    def note(self) -> str:
+        opt = self.args[self.args.index("--optimizer") + 1] if "--optimizer" in self.args else ""
+        return " ".join(
+            x
+            for x in ("alone" if self.alone else "", opt, f"slow x{self.slow:g}" if self.slow > 1 else "")
+            if x
+        )
 
 
 @dataclass(kw_only=True, slots=True)
@@ -70,11 +160,20 @@ class SwarmPlan:
     node_args: list[str] = field(default_factory=list)
     # One rollout engine per node ("hf" or "vllm"), or empty: every node on the `run` default.
     engines: list[str] = field(default_factory=list)
+    # Kinds of nodes; empty: `nodes` nodes of `model`. Given: `nodes` is their total.
+    mix: list[MixEntry] = field(default_factory=list)
+    # Nodes run alone beside the swarm, each a copy of node 0's kind: its own swarm id, no rollout
+    # sharing, no merges, the same share of the cores (the local-swarm command's default is 1).
+    alone: int = 0
     start_timeout_s: float = 120.0
     # After --duration, nodes get this long to finish their step and exit before being stopped.
     overrun_s: float = 60.0
 
     def __post_init__(self) -> None:
+        if self.mix:
+            self.nodes = sum(e.count for e in self.mix)
+        if not 0 <= self.alone <= 8:
+            raise ValueError(f"alone must be in 0..8, got {self.alone}")
         if not 1 <= self.nodes <= 64:
             raise ValueError(f"nodes must be in 1..64, got {self.nodes}")
         if self.steps < 0:
@@ -94,6 +193,33 @@ class SwarmPlan:
         if any(e not in ("hf", "vllm") for e in self.engines):
             raise ValueError(f"engines must each be 'hf' or 'vllm', got {self.engines}")
         check_swarm_id(self.swarm, "swarm")
+        check_swarm_id(f"{self.swarm}-alone{self.nodes + self.alone}", "swarm")  # the alone nodes' ids
+
+    def members(self) -> list[Member]:
+        """Every node of the plan in start order: the swarm's (node 0 first), then the alone ones."""
+        out: list[Member] = []
+        for e in self.mix or [
+            MixEntry(model=self.model or "tiny", count=self.nodes, label=_label(self.model))
+        ]:
+            opt = ["--optimizer", e.optimizer] if e.optimizer else []
+            out += [
+                Member(model=e.model, cohort=e.label, args=[*opt, *e.args], slow=e.slow)
+                for _ in range(e.count)
+            ]
+        for i, m in enumerate(out[: len(self.engines)]):
+            m.engine = self.engines[i]
+        first = out[0]
+        out += [
+            Member(
+                model=first.model, cohort=first.cohort, args=list(first.args), alone=True, engine=first.engine
+            )
+            for _ in range(self.alone)
+        ]
+        return out
+
+
+def _label(model: str) -> str:
+    return Path(model).name if model else "tiny"
 
 
 @dataclass(slots=True)
@@ -103,6 +229,9 @@ class NodeProc:
     data_dir: Path
     log: IO[str]
     multiaddr: str = ""
+    cohort: str = ""
+    note: str = ""  # alone, optimizer, throttle
+    alone: bool = False
 
     @property
     def metrics_path(self) -> Path:
@@ -110,27 +239,35 @@ class NodeProc:
 
 
 def _node_command(plan: SwarmPlan, index: int, data_dir: Path, bootstrap: str) -> list[str]:
+    members = plan.members()
+    me = members[index]
+    swarm = f"{plan.swarm}-alone{index}" if me.alone else plan.swarm
     cmd = [sys.executable, "-m", "swarmnode.cli", "run", "--data-dir", str(data_dir)]
-    cmd += ["--listen", "/ip4/127.0.0.1/tcp/0", "--swarm", plan.swarm]
-    if plan.model:
-        cmd += ["--model", plan.model]
+    cmd += ["--listen", "/ip4/127.0.0.1/tcp/0", "--swarm", swarm]
+    if me.model and (plan.mix or plan.model):
+        cmd += ["--model", me.model]
     if plan.steps:
         cmd += ["--steps", str(plan.steps)]
     if plan.duration_s:
         cmd += ["--duration", str(plan.duration_s)]
-    if bootstrap:
+    if bootstrap and not me.alone:
         cmd += ["--bootstrap", bootstrap]
-    if plan.engines:
-        cmd += ["--engine", plan.engines[index]]
+    if me.engine:
+        cmd += ["--engine", me.engine]
     # Different sampling seeds per node: identical nodes would generate identical rollouts.
     cmd += ["--seed", str(index)]
+    if me.alone:
+        cmd += ["--no-share-rollouts", "--expect-peers", "0"]
+        return cmd + TINY_MODEL_ARGS + me.args + plan.node_args
     if plan.round_seconds:
         cmd += ["--diloco", "--round-seconds", str(plan.round_seconds)]
     elif plan.merge_every:
         cmd += ["--diloco", "--inner-steps", str(plan.merge_every)]
-    # Hear every other node before the first step, so round 1 already merges all of them.
-    cmd += ["--expect-peers", str(plan.nodes - 1)]
-    return cmd + TINY_MODEL_ARGS + plan.node_args
+    # Hear every other node of the cohort (same model) before the first step, so round 1 already
+    # merges all of them.
+    peers = sum(1 for m in members if not m.alone and m.model == me.model) - 1
+    cmd += ["--expect-peers", str(peers)]
+    return cmd + TINY_MODEL_ARGS + me.args + plan.node_args
 
 
 def _start(plan: SwarmPlan, index: int, bootstrap: str, node_cmd: list[str] | None) -> NodeProc:
@@ -142,9 +279,39 @@ def _start(plan: SwarmPlan, index: int, bootstrap: str, node_cmd: list[str] | No
     log = (data_dir / "node.log").open("w", encoding="utf-8")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     # N processes on one machine: split the cores instead of every process using all of them.
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // plan.nodes)))
+    total = plan.nodes + plan.alone
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // total)))
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
-    return NodeProc(index=index, proc=proc, data_dir=data_dir, log=log)
+    me = plan.members()[index]
+    return NodeProc(
+        index=index, proc=proc, data_dir=data_dir, log=log, cohort=me.cohort, note=me.note, alone=me.alone
+    )
+
+
+class Throttle:
+    """Makes a node ``slow`` times slower: SIGCONT for one slice, SIGSTOP for ``slow - 1``."""
+
+    def __init__(self, proc: subprocess.Popen[str], slow: float, slice_s: float = THROTTLE_SLICE_S) -> None:
+        self.proc, self.slow, self.slice_s = proc, slow, slice_s
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"throttle-{proc.pid}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._done.wait(self.slice_s) and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGSTOP)
+            stopped = self._done.wait(self.slice_s * (self.slow - 1))
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGCONT)
+            if stopped:
+                break
+
+    def stop(self) -> None:
+        """Leave the process running (it must be, to handle SIGTERM)."""
+        self._done.set()
+        self._thread.join()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
 
 
 def wait_multiaddr(node: NodeProc, timeout_s: float) -> str:
@@ -179,11 +346,14 @@ def stop_all(nodes: list[NodeProc], grace_s: float = STOP_GRACE_S) -> None:
 def run_swarm(plan: SwarmPlan, *, node_cmd: list[str] | None = None, live: bool = True) -> dict[str, Any]:
     plan.out.mkdir(parents=True, exist_ok=True)
     nodes: list[NodeProc] = []
+    throttles: list[Throttle] = []
+    members = plan.members()
     try:
         nodes.append(_start(plan, 0, "", node_cmd))
         nodes[0].multiaddr = wait_multiaddr(nodes[0], plan.start_timeout_s)
-        for i in range(1, plan.nodes):
+        for i in range(1, len(members)):
             nodes.append(_start(plan, i, nodes[0].multiaddr, node_cmd))
+        throttles = [Throttle(n.proc, m.slow) for n, m in zip(nodes, members, strict=True) if m.slow > 1]
         # Bounded: steps/duration end every node; this is the backstop if one hangs.
         budget = plan.duration_s + plan.overrun_s if plan.duration_s else 3600.0 * 6
         deadline = time.monotonic() + budget
@@ -200,10 +370,14 @@ def run_swarm(plan: SwarmPlan, *, node_cmd: list[str] | None = None, live: bool 
     except KeyboardInterrupt:
         print("interrupted: stopping nodes", file=sys.stderr)
     finally:
+        for t in throttles:
+            t.stop()
         stop_all(nodes)
     if live:
         print(status_table(nodes))
     summary = summarize(nodes, plan.out)
+    if live:
+        print("\n".join(summary_lines(summary)))
     # Benchmarks call this with live=False and own stdout (one JSON object): report on stderr there.
     print(
         f"summary: {plan.out / 'summary.json'}  plot: {plan.out / 'summary.png'}",
@@ -276,6 +450,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="comma-separated rollout engine per node, e.g. vllm,hf,hf (default: the run default on every node); "
         "with vllm and no --model, the tiny model is built with a head size vLLM's CPU build accepts",
     )
+    a(
+        "--mix",
+        default="",
+        metavar="SPEC",
+        help="kinds of nodes instead of --nodes: MODEL[:COUNT][:OPTION...], comma separated; MODEL is a "
+        "tiny variant (tiny-64, tiny-128, tiny-64x3, tiny-64-w100: built locally), a dir or a hub id, each "
+        "model its own cohort; OPTION is adamw or demo, slow=F (throttled F times) or KEY=VALUE (--KEY VALUE "
+        "for those nodes), e.g. tiny-64:2,tiny-128:1,tiny-128:1:slow=3",
+    )
+    a(
+        "--alone",
+        type=int,
+        default=DEMO_ALONE,
+        metavar="N",
+        help="nodes run alone beside the swarm (node 0's kind, no sharing, no merges) to compare with "
+        "(default: %(default)s)",
+    )
     a("node_args", nargs=argparse.REMAINDER, help="after --: extra flags passed to every `swarmnode run`")
 
 
@@ -284,15 +475,23 @@ def main(args: argparse.Namespace) -> int:
     if steps == 0 and duration == 0:
         duration = DEMO_DURATION_S
     engines = [e.strip() for e in args.engines.split(",")] if args.engines else []
+    try:
+        mix = parse_mix(args.mix) if args.mix else []
+        family = _family(args.node_args)
+        for e in mix:
+            e.model = _built(e.model, Path(args.out), family)
+    except ValueError as exc:
+        print(f"swarmnode local-swarm: {exc}", file=sys.stderr)
+        return 2
     model = args.model
     if not model and "vllm" in engines:
         from swarmnode.tinymodel import build_vllm_tiny_policy
 
-        model = str(build_vllm_tiny_policy(Path(args.out) / "tiny-model-vllm", family=TINY_FAMILY))
-    elif not model:
+        model = str(build_vllm_tiny_policy(Path(args.out) / "tiny-model-vllm", family=family))
+    elif not model and not mix:
         from swarmnode.tinymodel import build_tiny_policy
 
-        model = str(build_tiny_policy(Path(args.out) / "tiny-model", family=TINY_FAMILY))
+        model = str(build_tiny_policy(Path(args.out) / "tiny-model", family=family))
     extra = [a for a in args.node_args if a != "--"]
     try:
         plan = SwarmPlan(
@@ -306,9 +505,29 @@ def main(args: argparse.Namespace) -> int:
             engines=engines,
             merge_every=args.merge_every,
             round_seconds=args.round_seconds,
+            mix=mix,
+            alone=args.alone,
         )
     except ValueError as exc:
         print(f"swarmnode local-swarm: {exc}", file=sys.stderr)
         return 2
     summary = run_swarm(plan)
     return 0 if all(n["exit_code"] == 0 for n in summary["nodes"]) else 1
+
+
+def _family(node_args: list[str]) -> str:
+    """The task family the nodes will run (the last --family after --, else the tiny default)."""
+    family = TINY_FAMILY
+    for i, a in enumerate(node_args[:-1]):
+        if a == "--family":
+            family = node_args[i + 1]
+    return family
+
+
+def _built(model: str, out: Path, family: str) -> str:
+    """A tiny variant name becomes its locally built dir; anything else is a dir or hub id already."""
+    from swarmnode.tinymodel import build_tiny_variant, tiny_variant
+
+    if tiny_variant(model) is None:
+        return model
+    return str(build_tiny_variant(out / "tiny-models" / f"{model}-{family}", model, family=family))

@@ -31,9 +31,16 @@ def _fmt(v: Any, spec: str) -> str:
     return format(v, spec)
 
 
+def _kind(n: NodeProc) -> str:
+    """The cohort column: the node's model, then alone / optimizer / throttle if any."""
+    return " ".join(x for x in (n.cohort, n.note) if x) or "-"
+
+
 def status_table(nodes: list[NodeProc]) -> str:
+    width = max([len(_kind(n)) for n in nodes] + [6])
     lines = [
-        f"{'node':>4} {'state':>7} {'step':>5} {'reward':>7} {'acc':>6} {'peers':>5} {'ext':>5} {'merges':>6}"
+        f"{'node':>4} {'cohort':<{width}} {'state':>7} {'step':>5} {'reward':>7} {'acc':>6} {'peers':>5} "
+        f"{'ext':>5} {'merges':>6}"
     ]
     for n in nodes:
         rows = read_metrics(n.metrics_path)
@@ -42,39 +49,129 @@ def status_table(nodes: list[NodeProc]) -> str:
         code = n.proc.poll()
         state = "running" if code is None else f"exit {code}"
         lines.append(
-            f"{n.index:>4} {state:>7} {_fmt(last.get('step'), 'd'):>5} {_fmt(last.get('reward'), '.3f'):>7} "
-            f"{_fmt(accs[-1] if accs else None, '.3f'):>6} {_fmt(last.get('peers'), 'd'):>5} "
-            f"{_fmt(last.get('external_groups'), 'd'):>5} {_fmt(last.get('merges'), 'd'):>6}"
+            f"{n.index:>4} {_kind(n):<{width}} {state:>7} {_fmt(last.get('step'), 'd'):>5} "
+            f"{_fmt(last.get('reward'), '.3f'):>7} {_fmt(accs[-1] if accs else None, '.3f'):>6} "
+            f"{_fmt(last.get('peers'), 'd'):>5} {_fmt(last.get('external_groups'), 'd'):>5} "
+            f"{_fmt(last.get('merges'), 'd'):>6}"
         )
     return "\n".join(lines)
 
 
+def _mean(xs: list[Any]) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+def _pct(new: float | None, base: float | None) -> float | None:
+    if new is None or base is None or base <= 0:
+        return None
+    return round(100.0 * (new - base) / base, 1)
+
+
+def node_summary(n: NodeProc) -> dict[str, Any]:
+    rows = read_metrics(n.metrics_path)
+    # the final row (``train/final``) is written once the round in flight merged: not a step
+    steps = [r for r in rows if not r.get("train/final")]
+    rewards = [r["reward"] for r in steps if r.get("reward") is not None]
+    accs = [r["eval_acc"] for r in rows if r.get("eval_acc") is not None]
+    last = rows[-1] if rows else {}
+    elapsed = float(last.get("elapsed_s") or 0.0)
+    return {
+        "node": n.index,
+        "cohort": n.cohort,
+        "role": "alone" if n.alone else "swarm",
+        "note": n.note,
+        "exit_code": n.proc.returncode,
+        "steps": last.get("step", 0),
+        "cumulative_reward": sum(rewards),
+        "mean_reward_first": rewards[0] if rewards else None,
+        "mean_reward_last": rewards[-1] if rewards else None,
+        # the last REWARD_WINDOW steps: a steadier "where it ended" than one step's reward
+        "mean_reward_end": _mean(rewards[-REWARD_WINDOW:]),
+        "eval_acc_first": accs[0] if accs else None,
+        "eval_acc_last": accs[-1] if accs else None,
+        "external_groups": last.get("external_groups", 0),
+        "merges": last.get("merges", 0),
+        "anchor_hash": last.get("anchor_hash", ""),
+        "bytes_sent": last.get("bytes_sent", 0),
+        "samples": last.get("samples", None),
+        "elapsed_s": elapsed,
+        "blocked_on_network_pct": 100.0 * float(last.get("blocked_on_network_s") or 0.0) / elapsed
+        if elapsed
+        else 0.0,
+    }
+
+
+def by_cohort(per_node: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Means per (cohort, role): "tiny-64" for the swarm's nodes of that model, "tiny-64 alone" for
+    the nodes that ran alone."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for n in per_node:
+        key = n["cohort"] + (" alone" if n["role"] == "alone" else "")
+        groups.setdefault(key, []).append(n)
+    return {
+        key: {
+            "nodes": [n["node"] for n in ns],
+            "steps": _mean([n["steps"] for n in ns]),
+            "cumulative_reward": _mean([n["cumulative_reward"] for n in ns]),
+            "mean_reward_end": _mean([n["mean_reward_end"] for n in ns]),
+            "eval_acc_last": _mean([n["eval_acc_last"] for n in ns]),
+        }
+        for key, ns in groups.items()
+    }
+
+
+def swarm_vs_alone(cohorts: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """For each cohort that also ran alone: the swarm's nodes against the alone node(s), same time."""
+    out = {}
+    for key, alone in cohorts.items():
+        if not key.endswith(" alone") or key[: -len(" alone")] not in cohorts:
+            continue
+        swarm = cohorts[key[: -len(" alone")]]
+        out[key[: -len(" alone")]] = {
+            "cumulative_reward_swarm": swarm["cumulative_reward"],
+            "cumulative_reward_alone": alone["cumulative_reward"],
+            "cumulative_reward_gain_pct": _pct(swarm["cumulative_reward"], alone["cumulative_reward"]),
+            "eval_acc_swarm": swarm["eval_acc_last"],
+            "eval_acc_alone": alone["eval_acc_last"],
+            "mean_reward_end_swarm": swarm["mean_reward_end"],
+            "mean_reward_end_alone": alone["mean_reward_end"],
+        }
+    return out
+
+
 def summarize(nodes: list[NodeProc], out: Path) -> dict[str, Any]:
-    per_node = []
-    for n in nodes:
-        rows = read_metrics(n.metrics_path)
-        rewards = [r["reward"] for r in rows if r.get("reward") is not None]
-        accs = [r["eval_acc"] for r in rows if r.get("eval_acc") is not None]
-        per_node.append(
-            {
-                "node": n.index,
-                "exit_code": n.proc.returncode,
-                "steps": rows[-1]["step"] if rows else 0,
-                "cumulative_reward": sum(rewards),
-                "mean_reward_first": rewards[0] if rewards else None,
-                "mean_reward_last": rewards[-1] if rewards else None,
-                "eval_acc_first": accs[0] if accs else None,
-                "eval_acc_last": accs[-1] if accs else None,
-                "external_groups": rows[-1].get("external_groups", 0) if rows else 0,
-                "merges": rows[-1].get("merges", 0) if rows else 0,
-                "anchor_hash": rows[-1].get("anchor_hash", "") if rows else "",
-                "bytes_sent": rows[-1].get("bytes_sent", 0) if rows else 0,
-            }
-        )
-    summary = {"nodes": per_node, "plot": str(out / "summary.png")}
+    per_node = [node_summary(n) for n in nodes]
+    cohorts = by_cohort(per_node)
+    summary = {
+        "nodes": per_node,
+        "cohorts": cohorts,
+        "swarm_vs_alone": swarm_vs_alone(cohorts),
+        "plot": str(out / "summary.png"),
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     plot(nodes, out / "summary.png")
     return summary
+
+
+def summary_lines(summary: dict[str, Any]) -> list[str]:
+    """What a newcomer reads at the end of a run: each cohort, and the swarm against alone."""
+    lines = []
+    for key, c in summary["cohorts"].items():
+        lines.append(
+            f"{key:<20} nodes {','.join(map(str, c['nodes'])):<8} steps {_fmt(c['steps'], '.0f'):>5}  "
+            f"cumulative reward {_fmt(c['cumulative_reward'], '.1f'):>7}  held-out accuracy "
+            f"{_fmt(c['eval_acc_last'], '.3f')}"
+        )
+    for cohort, v in summary["swarm_vs_alone"].items():
+        gain = v["cumulative_reward_gain_pct"]
+        lines.append(
+            f"{cohort}: in the swarm {_fmt(v['cumulative_reward_swarm'], '.1f')} cumulative reward vs "
+            f"{_fmt(v['cumulative_reward_alone'], '.1f')} alone ({'+' if gain and gain > 0 else ''}"
+            f"{_fmt(gain, '.1f')} %), held-out accuracy {_fmt(v['eval_acc_swarm'], '.3f')} vs "
+            f"{_fmt(v['eval_acc_alone'], '.3f')}"
+        )
+    return lines
 
 
 REWARD_WINDOW = 50
@@ -97,17 +194,26 @@ def plot(nodes: list[NodeProc], path: Path) -> None:
     matplotlib.use("Agg")  # no display on servers; must precede pyplot
     import matplotlib.pyplot as plt
 
-    fig, (ax_r, ax_a) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax_r, ax_a) = plt.subplots(1, 2, figsize=(12, 4.5))
+    # one colour per cohort; the nodes that ran alone dashed, in their cohort's colour
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colours: dict[str, str] = {}
+    for n in nodes:
+        colours.setdefault(n.cohort, palette[len(colours) % len(palette)])
     for n in nodes:
         rows = read_metrics(n.metrics_path)
         if not rows:
             continue
         t0 = rows[0]["time"] - rows[0].get("step_s", 0.0)
+        label = f"node {n.index} {_kind(n)}"
+        style = {"color": colours[n.cohort], "linestyle": "--" if n.alone else "-"}
         scored = [r for r in rows if r.get("reward") is not None]
         ax_r.plot(
             [r["time"] - t0 for r in scored],
             moving_average([r["reward"] for r in scored], REWARD_WINDOW),
-            label=f"node {n.index}",
+            label=label,
+            linewidth=2.2 if n.alone else 1.2,
+            **style,
         )
         ev = [r for r in rows if r.get("eval_acc") is not None]
         ax_a.plot(
@@ -115,13 +221,17 @@ def plot(nodes: list[NodeProc], path: Path) -> None:
             [r["eval_acc"] for r in ev],
             marker="o",
             markersize=3,
-            label=f"node {n.index}",
+            label=label,
+            linewidth=2.2 if n.alone else 1.2,
+            **style,
         )
     # one step's reward is the mean of a few groups: too noisy to read a trend from unsmoothed
     ax_r.set(title=f"reward (mean of the last {REWARD_WINDOW} steps)", xlabel="seconds", ylabel="reward")
     ax_a.set(title="held-out accuracy (greedy)", xlabel="seconds", ylabel="accuracy", ylim=(0, 1))
-    ax_r.legend()
-    ax_a.legend()
+    if any(n.alone for n in nodes):
+        fig.suptitle("swarm (solid) vs the same node alone (dashed), same share of the machine")
+    ax_r.legend(fontsize="small")
+    ax_a.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

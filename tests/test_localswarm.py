@@ -215,3 +215,93 @@ def test_moving_average_is_a_trailing_mean() -> None:
 
     assert moving_average([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
     assert moving_average([], 5) == []
+
+
+# -- heterogeneous swarms: the mix, the alone node, the throttle ----------------------------------
+
+
+def test_mix_parses_models_counts_optimizers_throttles_and_flags() -> None:
+    from swarmnode.localswarm import parse_mix
+
+    a, b, c = parse_mix("tiny-64:2, tiny-128:demo:slow=3:lr=5e-4 ,/models/x:3")
+    assert (a.model, a.count, a.optimizer, a.slow, a.args) == ("tiny-64", 2, "", 1.0, [])
+    assert (b.model, b.count, b.optimizer, b.slow, b.args) == ("tiny-128", 1, "demo", 3.0, ["--lr", "5e-4"])
+    assert (c.model, c.count) == ("/models/x", 3)
+    for bad, match in [
+        ("tiny-64:0", "count"),
+        ("tiny-64:fast", "unknown option"),
+        ("tiny-64:slow=x", "slow"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            parse_mix(bad)
+
+
+def test_mixed_plan_gives_each_cohort_its_own_peer_count_and_the_alone_node_no_swarm(tmp_path: Path) -> None:
+    from swarmnode.localswarm import _node_command, parse_mix
+
+    plan = SwarmPlan(steps=5, mix=parse_mix("m64:2,m128:1:demo,m128:1:slow=3"), alone=1)
+    assert plan.nodes == 4
+    members = plan.members()
+    assert [(m.cohort, m.note) for m in members] == [
+        ("m64", ""),
+        ("m64", ""),
+        ("m128", "demo"),
+        ("m128", "slow x3"),
+        ("m64", "alone"),
+    ]
+    cmds = [_node_command(plan, i, tmp_path / f"n{i}", "/ip4/boot") for i in range(5)]
+
+    def flag(cmd: list[str], name: str) -> str:
+        return cmd[len(cmd) - 1 - cmd[::-1].index(name) + 1]  # the last one given wins
+
+    assert [flag(c, "--model") for c in cmds] == ["m64", "m64", "m128", "m128", "m64"]
+    assert [flag(c, "--expect-peers") for c in cmds] == ["1", "1", "1", "1", "0"]
+    assert flag(cmds[2], "--optimizer") == "demo"
+    alone = cmds[4]
+    assert flag(alone, "--swarm") == "local-alone4"
+    assert "--no-share-rollouts" in alone
+    assert "--bootstrap" not in alone
+    assert "--diloco" not in alone
+    assert all("--diloco" in c and "--bootstrap" in c for c in cmds[:4])
+
+
+def test_alone_node_runs_beside_the_swarm_and_the_summary_compares_them(tmp_path: Path) -> None:
+    plan = SwarmPlan(nodes=2, steps=5, out=tmp_path / "out", start_timeout_s=20, alone=1)
+    summary = run_swarm(plan, node_cmd=_script(tmp_path), live=False)
+    assert [n["role"] for n in summary["nodes"]] == ["swarm", "swarm", "alone"]
+    assert set(summary["cohorts"]) == {"tiny", "tiny alone"}
+    versus = summary["swarm_vs_alone"]["tiny"]
+    assert versus["cumulative_reward_swarm"] == versus["cumulative_reward_alone"] == 3.0
+    assert versus["cumulative_reward_gain_pct"] == 0.0
+    from swarmnode.swarmreport import summary_lines
+
+    assert any("alone" in line for line in summary_lines(summary))
+
+
+def test_status_table_shows_each_nodes_cohort(tmp_path: Path) -> None:
+    from swarmnode.localswarm import parse_mix
+
+    plan = SwarmPlan(steps=3, out=tmp_path / "out", mix=parse_mix("a64:1,b128:1:slow=2"), start_timeout_s=20)
+    summary = run_swarm(plan, node_cmd=_script(tmp_path), live=False)
+    assert [n["cohort"] for n in summary["nodes"]] == ["a64", "b128"]
+    assert summary["nodes"][1]["note"] == "slow x2"
+
+
+def test_throttle_slows_a_process_by_its_factor(tmp_path: Path) -> None:
+    import subprocess
+
+    from swarmnode.localswarm import Throttle
+
+    counter = tmp_path / "count.py"
+    # counts wall-clock slices of 10 ms in which it got to run, for 1.5 s
+    counter.write_text(
+        "import time\nn=0\nend=time.time()+1.5\nwhile time.time()<end:\n    t=time.time()\n"
+        "    while time.time()-t<0.01: pass\n    n+=1\nprint(n)\n"
+    )
+    procs = [
+        subprocess.Popen([sys.executable, str(counter)], stdout=subprocess.PIPE, text=True) for _ in range(2)
+    ]
+    throttle = Throttle(procs[1], 3.0, slice_s=0.05)
+    outs = [int(p.communicate(timeout=30)[0]) for p in procs]
+    throttle.stop()
+    assert outs[1] < 0.6 * outs[0]  # about a third; generous for a loaded machine
