@@ -209,6 +209,12 @@ class Membership:
         even when it reaches us only through relays."""
         self._contributors.touch(peer, self.clock())
 
+    def contributors(self) -> list[str]:
+        """Peers whose contribution we merged within 4 peer timeouts (``swarmnode.trust``'s
+        ``verified``)."""
+        horizon = self.clock() - 4 * self.config.peer_timeout_s
+        return sorted(p for p, t in self._contributors.items() if t >= horizon)
+
     def announced_cohort(self) -> list[str]:
         """Live, plausible cohort peers whose presence we hold (what a catch-up decision reads)."""
         return self._announced(self._connected())
