@@ -51,12 +51,14 @@ __all__ = [
     "clip_scales",
     "combine",
     "global_norm",
+    "median_combine",
     "peer_coefficients",
     "replica_spread",
     "robust_aggregate",
     "robust_mean",
     "sq_norm",
     "trim_count",
+    "trimmed_combine",
     "trimmed_mean",
 ]
 
@@ -171,6 +173,19 @@ def combine(
         return out
     scaled = [(v if s == 1.0 else v * s, w) for v, w, s in kept]
     return _trimmed(scaled, shape, trim_count(len(kept), method, trim))
+
+
+def trimmed_combine(tensors: Sequence[torch.Tensor], coefs: Sequence[float]) -> torch.Tensor:
+    """``combine(method="trimmed")`` for a caller that folded weights and clip scales into one
+    coefficient per contributor (summing to 1): coordinate-wise, the ``trim_count`` largest and
+    smallest values are dropped and the rest averaged with their coefficients. The tolerance is
+    the trimmed mean's (f <= k contributors), since the kept values lie in the honest range."""
+    return combine(tensors, coefs, [1.0] * len(tensors), method="trimmed")
+
+
+def median_combine(tensors: Sequence[torch.Tensor], coefs: Sequence[float]) -> torch.Tensor:
+    """``combine(method="median")`` over (tensors, coefficients); tolerates any minority."""
+    return combine(tensors, coefs, [1.0] * len(tensors), method="median")
 
 
 def _trimmed(kept: list[tuple[torch.Tensor, float]], shape: tuple[int, ...], k: int) -> torch.Tensor:

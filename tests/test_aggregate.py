@@ -234,3 +234,15 @@ def test_aggregate_components_counts_a_repeating_peer_once_and_clips_its_values(
     dense = aggregate_components(own, [honest, [push] * 40], **kw)
     # coefficient 1: (2 + 2 + min(1e30, 4 x our largest 2)) / 3 peers that selected it, not / 42
     torch.testing.assert_close(dense["w"], torch.tensor([[1.0, 4.0, 0.0, 0.0]]))
+
+
+def test_the_combine_adapters_take_folded_coefficients() -> None:
+    """(tensors, coefficients summing to 1), the form a streaming merge passes per tensor."""
+    g, honest = _honest(3, numel=256)
+    tensors = [*honest, -1000.0 * g]
+    coefs = [0.25, 0.25, 0.25, 0.25]
+    honest_mean = torch.stack(honest).mean(0)
+    for fn in (aggregate.trimmed_combine, aggregate.median_combine):
+        out = fn(tensors, coefs)
+        assert _cos(out, honest_mean) > 0.9
+        assert torch.equal(out, fn([t.clone() for t in tensors], list(coefs)))

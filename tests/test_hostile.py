@@ -8,6 +8,7 @@ the attacker's host, so here they are delivered with their own origin and no hos
 from __future__ import annotations
 
 import asyncio
+import inspect
 import math
 from typing import Any
 
@@ -17,7 +18,7 @@ from fakes import COHORT_A, SWARM, Bus, FakeClock, FakeHost, Msg, make_membershi
 from swarmnode.compression.pseudograd import encode_delta
 from swarmnode.protocol import Presence, RoundManifest, codec, topics
 
-from swarmnode.aggregate import robust_mean
+from swarmnode.aggregate import robust_mean, trimmed_combine
 from swarmnode.exchange.diloco import DiLoCoExchange
 from swarmnode.membership import Status
 from swarmnode.optim.diloco import DiLoCo
@@ -58,10 +59,25 @@ def presence(peer: str, rnd: int = 0, anchor: str = "") -> bytes:
 # -- DiLoCo replicas on the fake bus --------------------------------------------------------------
 
 
+def _merge_rule(robust: bool) -> dict[str, Any]:
+    """The exchange's keyword for the merge rule: ``combine`` (per tensor, the streaming merge) or,
+    before it, ``aggregate`` (whole dicts). ``robust``: the coordinate-wise trimmed mean."""
+    params = inspect.signature(DiLoCoExchange.__init__).parameters
+    if not robust:
+        return {}
+    if "combine" in params:
+        return {"combine": trimmed_combine}
+
+    def trimmed(contributions: list[Any]) -> dict[str, torch.Tensor]:
+        return robust_mean(contributions, method="trimmed", ceiling=12.0, expected={"w": (16,)})
+
+    return {"aggregate": trimmed}
+
+
 class Replica:
     """One honest node's DiLoCo part: a 16-element weight that drifts by ``drift`` per step."""
 
-    def __init__(self, bus: Bus, name: str, clock: FakeClock, drift: float, aggregate: Any = None) -> None:
+    def __init__(self, bus: Bus, name: str, clock: FakeClock, drift: float, robust: bool = False) -> None:
         self.host = FakeHost(bus, name)
         self.w = torch.nn.Parameter(torch.zeros(16))
         self.drift = drift
@@ -74,9 +90,9 @@ class Replica:
             host=self.host,
             membership=self.members,
             diloco=diloco,
-            aggregate=aggregate,
             clock=clock,
             wall_clock=clock,
+            **_merge_rule(robust),
         )
 
     def status(self) -> Status:
@@ -114,11 +130,11 @@ def _poisoned_round(bus: Bus, weight: float) -> None:
     relay(bus, ROUNDS, "eve", codec.encode(manifest))
 
 
-def _merge_with_eve(aggregate: Any) -> list[Replica]:
+def _merge_with_eve(robust: bool) -> list[Replica]:
     clock = FakeClock()
     bus = Bus()
     replicas = [
-        Replica(bus, f"peer{c}", clock, d, aggregate) for c, d in zip("ABC", (0.1, 0.2, 0.3), strict=True)
+        Replica(bus, f"peer{c}", clock, d, robust) for c, d in zip("ABC", (0.1, 0.2, 0.3), strict=True)
     ]
 
     async def body() -> None:
@@ -132,11 +148,7 @@ def _merge_with_eve(aggregate: Any) -> list[Replica]:
 
 
 def test_a_poisoned_delta_with_weight_1e30_is_trimmed_away_and_replicas_stay_equal() -> None:
-    def trimmed(contributions: list[Any]) -> dict[str, torch.Tensor]:
-        # what the DiLoCo exchange should pass: our shapes, the plausible samples-per-round ceiling
-        return robust_mean(contributions, method="trimmed", ceiling=12.0, expected={"w": (16,)})
-
-    replicas = _merge_with_eve(trimmed)
+    replicas = _merge_with_eve(robust=True)
     assert all(r.ex.merge_contributors == 4 for r in replicas)  # eve's Δ was merged, and trimmed
     assert len({r.ex.anchor_hash for r in replicas}) == 1
     w = replicas[0].w.detach()
@@ -148,7 +160,7 @@ def test_a_poisoned_delta_with_weight_1e30_is_trimmed_away_and_replicas_stay_equ
 def test_with_the_plain_mean_the_same_attack_takes_the_anchor() -> None:
     """The attack the trimmed merge stops: the median-norm clip bounds the norm, not the direction,
     and an unchecked manifest weight makes the attacker's (clipped) Δ the whole average."""
-    replicas = _merge_with_eve(None)  # the exchange's default aggregate today
+    replicas = _merge_with_eve(robust=False)  # the exchange's default merge rule
     assert len({r.ex.anchor_hash for r in replicas}) == 1
     assert bool((replicas[0].w.detach() < 0).all())
 
