@@ -1,0 +1,93 @@
+"""Integration tier in network namespaces: NATed nodes behind home routers and a public bootstrap node.
+
+Topology (tests/netns.py): pub0 (public, bootstrap) | router r1: h1a, h1b | router r2: h2a.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from netns import Endpoint, NetnsBed, skip_reason
+from p2p_node_proc import NodeProcess, wait_until
+
+_REASON = skip_reason()
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(_REASON is not None, reason=_REASON or "")]
+
+TOPIC = "/swarmnode/test/nat/1"
+PORT = 4001
+
+
+@dataclass(slots=True)
+class Swarm:
+    bed: NetnsBed
+    hosts: dict[str, Endpoint]
+    nodes: dict[str, NodeProcess]
+
+
+@pytest.fixture(scope="module")
+def swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swarm]:
+    root = tmp_path_factory.mktemp("netns")
+    bed = NetnsBed()
+    try:
+        pub = bed.add_public("pub0")
+        r1, r2 = bed.add_router("r1"), bed.add_router("r2")
+        hosts = {"pub0": pub, "h1a": bed.add_home(r1, "h1a"), "h1b": bed.add_home(r1, "h1b")}
+        hosts["h2a"] = bed.add_home(r2, "h2a")
+        boot = bed.start_node(pub, root / "pub0", port=PORT, subscribe=[TOPIC])
+        nodes = {"pub0": boot}
+        for name in ("h1a", "h1b", "h2a"):
+            nodes[name] = bed.start_node(
+                hosts[name], root / name, port=PORT, bootstrap=[boot.addr], subscribe=[TOPIC]
+            )
+        assert wait_until(lambda: len(boot.call("peers")["peers"]) == 3, 30, interval=0.3)
+        yield Swarm(bed=bed, hosts=hosts, nodes=nodes)
+    finally:
+        bed.close()
+
+
+def _heard(sender: NodeProcess, receiver: NodeProcess, tag: str, attempts: int = 20) -> bool:
+    for attempt in range(attempts):
+        name = f"{tag}{attempt}"
+        sender.call("publish", topic=TOPIC, tag=name, count=2, size=300)
+        if wait_until(lambda name=name: receiver.call("report", tag=name)["count"] >= 2, 1.5):
+            return True
+    return False
+
+
+def test_natted_node_reaches_the_public_bootstrap_and_gossips(swarm: Swarm) -> None:
+    boot, home = swarm.nodes["pub0"], swarm.nodes["h2a"]
+    assert boot.peer_id in home.call("peers")["peers"]
+    assert _heard(home, boot, "up")
+    assert _heard(boot, home, "down")
+
+
+def test_public_side_cannot_dial_into_a_home_network(swarm: Swarm) -> None:
+    home = swarm.hosts["h1a"]
+    assert swarm.bed.tcp_connects(swarm.hosts["pub0"], home.ip, PORT) is False
+    assert home.router is not None
+    assert swarm.bed.tcp_connects(swarm.hosts["pub0"], home.router.wan_ip, PORT) is False
+
+
+def test_natted_nodes_behind_different_routers_cannot_dial_each_other(swarm: Swarm) -> None:
+    a, b = swarm.nodes["h1a"], swarm.nodes["h2a"]
+    assert swarm.bed.tcp_connects(swarm.hosts["h1a"], swarm.hosts["h2a"].ip, PORT) is False
+    dial = a.call("dial", addr=b.addr, deadline=5.0)
+    assert dial["connected"] is False
+
+
+def test_natted_nodes_behind_one_router_dial_each_other(swarm: Swarm) -> None:
+    a, b = swarm.nodes["h1a"], swarm.nodes["h1b"]
+    assert a.call("dial", addr=b.addr, deadline=5.0)["connected"] is True
+
+
+def test_gossip_between_natted_nodes_flows_through_the_public_node(swarm: Swarm) -> None:
+    a, b = swarm.nodes["h1a"], swarm.nodes["h2a"]
+    assert b.peer_id not in a.call("peers")["peers"]
+    assert _heard(a, b, "across")
+    assert _heard(b, a, "back")
