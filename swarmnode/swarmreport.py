@@ -168,8 +168,9 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
         lines.append(
             f"{cohort}: in the swarm {_fmt(v['cumulative_reward_swarm'], '.1f')} cumulative reward vs "
             f"{_fmt(v['cumulative_reward_alone'], '.1f')} alone ({'+' if gain and gain > 0 else ''}"
-            f"{_fmt(gain, '.1f')} %), held-out accuracy {_fmt(v['eval_acc_swarm'], '.3f')} vs "
-            f"{_fmt(v['eval_acc_alone'], '.3f')}"
+            f"{_fmt(gain, '.1f')} %), reward over the last {REWARD_WINDOW} steps "
+            f"{_fmt(v['mean_reward_end_swarm'], '.3f')} vs {_fmt(v['mean_reward_end_alone'], '.3f')}, "
+            f"held-out accuracy {_fmt(v['eval_acc_swarm'], '.3f')} vs {_fmt(v['eval_acc_alone'], '.3f')}"
         )
     return lines
 
@@ -215,12 +216,11 @@ def plot(nodes: list[NodeProc], path: Path) -> None:
             linewidth=2.2 if n.alone else 1.2,
             **style,
         )
-        ev = [r for r in rows if r.get("eval_acc") is not None]
-        ax_a.plot(
+        ev = [r for r in rows if r.get("eval_acc") is not None]  # every row repeats the last one
+        ax_a.step(
             [r["time"] - t0 for r in ev],
             [r["eval_acc"] for r in ev],
-            marker="o",
-            markersize=3,
+            where="post",
             label=label,
             linewidth=2.2 if n.alone else 1.2,
             **style,
