@@ -275,3 +275,22 @@ def test_pool_staleness_default_is_the_train_sections() -> None:
     from swarmnode.config import TrainSection
 
     assert RolloutsConfig().staleness_steps == TrainSection().staleness_steps
+
+
+def test_the_learner_decides_how_many_and_the_policy_which() -> None:
+    clock = FakeClock()
+    bus = Bus()
+    a, learner = make(bus, "peerA")
+    learner.sample_external = lambda step: []  # type: ignore[method-assign]  # external_groups 0
+    b, _ = make(bus, "peerB", cohort=COHORT_B)
+    taken: list[Any] = []
+
+    async def body() -> None:
+        await b.on_collected(0, [make_group(0), make_group(1)])
+        await settle()
+        taken.extend(await a.on_collected(1, []))
+
+    run(_running([a, b], body()), clock)
+    assert a.external_groups == 2  # verified and pooled ...
+    assert taken == []  # ... but a learner that takes none gets none
+    assert a.statistics()["pooled_groups"] == 2
