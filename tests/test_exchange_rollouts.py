@@ -280,8 +280,8 @@ def test_pool_staleness_default_is_the_train_sections() -> None:
 def test_the_learner_decides_how_many_and_the_policy_which() -> None:
     clock = FakeClock()
     bus = Bus()
-    a, learner = make(bus, "peerA")
-    learner.sample_external = lambda step: []  # type: ignore[method-assign]  # external_groups 0
+    a, _ = make(bus, "peerA")
+    a.sample_external = lambda step: []  # a learner with external_groups 0
     b, _ = make(bus, "peerB", cohort=COHORT_B)
     taken: list[Any] = []
 
