@@ -91,3 +91,15 @@ def test_gossip_between_natted_nodes_flows_through_the_public_node(swarm: Swarm)
     assert b.peer_id not in a.call("peers")["peers"]
     assert _heard(a, b, "across")
     assert _heard(b, a, "back")
+
+
+def test_each_node_learns_whether_it_is_publicly_reachable(swarm: Swarm) -> None:
+    def reachability(name: str) -> str:
+        return str(swarm.nodes[name].call("stats")["stats"]["reachability"])
+
+    public = f"public /ip4/{swarm.hosts['pub0'].ip}/tcp/{PORT}"
+    assert wait_until(lambda: reachability("pub0") == public, 30, interval=0.5)
+    for name in ("h1a", "h1b", "h2a"):
+        assert wait_until(lambda name=name: reachability(name) == "behind NAT", 30, interval=0.5), (
+            reachability(name)
+        )

@@ -34,6 +34,7 @@ from swarmnode.p2p.gossip import (
     wait_queues_low,
 )
 from swarmnode.p2p.identity import load_or_create_identity
+from swarmnode.p2p.reachability import UNKNOWN, Reachability
 from swarmnode.p2p.streams import (
     BLOB_PROTOCOL,
     BlobStats,
@@ -80,6 +81,7 @@ class Host:
         self._subs: dict[str, list[Subscription]] = {}
         self._validators: dict[str, list[Validator]] = {}
         self._dialer: Dialer | None = None
+        self._reachability: Reachability | None = None
         self._requests = {"served": 0, "failed": 0, "sent": 0, "send_failed": 0}
 
     # -- gossip ----------------------------------------------------------------------------------------------
@@ -363,6 +365,9 @@ class Host:
             "blobs": self._blob_stats.as_dict(),
             "requests": dict(self._requests),
             "dial": self._dialer.statistics() if self._dialer else {},
+            # "public <multiaddr>" once a peer dialled us back, "behind NAT" when peers could not, or "unknown"
+            "reachability": self._reachability.status() if self._reachability else UNKNOWN,
+            "reachability_probes": dict(self._reachability.stats) if self._reachability else {},
         }
 
     # -- lifecycle (trio side) -------------------------------------------------------------------------------
@@ -373,6 +378,7 @@ class Host:
         host = new_host(key_pair=key_pair, listen_addrs=[listen], enable_mDNS=self.config.enable_mdns)
         pubsub, router, equivocation = build_gossipsub(host, self._gossip, self.config.data_dir)
         host.set_stream_handler(TProtocol(BLOB_PROTOCOL), self._blobs.serve)
+        reachability = Reachability(host)
         # The pubsub services must run before host.run(): an incoming pubsub stream crashes a node otherwise.
         async with background_trio_service(pubsub), background_trio_service(router):
             await pubsub.wait_until_ready()
@@ -386,6 +392,8 @@ class Host:
                     self.listen_addrs = [_full_addr(a, self.peer_id) for a in host.get_addrs()]
                     self._dialer = Dialer(host, dht, self.config.bootstrap, self.config.target_peers)
                     nursery.start_soon(self._dialer.run)
+                    self._reachability = reachability
+                    nursery.start_soon(reachability.run)
                     yield
 
     def _b(self) -> TrioBridge:
