@@ -142,20 +142,20 @@ def _check_delta(orig: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) ->
         assert bool((err.reshape(-1, pseudograd.QUANT_BLOCK) <= bound[:, None] * 1.0001).all())
 
 
-def _state_sample(rng: random.Random) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def _state_sample(rng: random.Random) -> state.StateIndex:
     g = torch.Generator().manual_seed(rng.randrange(2**31))
-    tensors = {"anchor.w": torch.randn(rng.randrange(1, 30), 4, generator=g), "momentum.w": torch.randn(3)}
-    return tensors, {"outer_steps": rng.randrange(100), "lr": 0.7, "nesterov": True}
+    tensors = {
+        "anchor.w": torch.randn(rng.randrange(1, 30), 4, generator=g),
+        "momentum.w": torch.randn(rng.randrange(1, 30) * 1000, generator=g),
+    }
+    scalars = {"outer_steps": rng.randrange(100), "lr": 0.7, "nesterov": True}
+    return state.build_index(tensors, scalars, chunk=state.MIN_CHUNK)
 
 
-def _check_state(orig: tuple[dict[str, torch.Tensor], dict[str, Any]], got: dict[str, Any]) -> None:
-    tensors, scalars = orig
-    assert sorted(got) == sorted([*tensors, *scalars])
-    for name, t in tensors.items():
-        assert torch.equal(got[name], t)
-    for name, v in scalars.items():
-        assert got[name] == v
-        assert type(got[name]) is type(v)
+def _check_state(orig: state.StateIndex, got: state.StateIndex) -> None:
+    assert got == orig
+    for name, v in orig.scalars.items():
+        assert type(got.scalars[name]) is type(v)
 
 
 def _geometry(sample: Any) -> tuple[int, int, int]:
@@ -227,10 +227,10 @@ CODECS = [
         check=_check_delta,
     ),
     Codec(
-        name="state",
+        name="state-index",
         sample=_state_sample,
-        encode=lambda s: state.encode_state(*s),
-        decode=lambda data, s: state.decode_state(data, max_bytes=CAP),
+        encode=state.encode_index,
+        decode=lambda data, s: state.decode_index(data, max_bytes=CAP, max_total=CAP),
         check=_check_state,
     ),
 ]

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import msgpack
 import pytest
 import torch
 from swarmnode.compression.pseudograd import decode_delta, encode_delta
-from swarmnode.compression.state import decode_state, encode_state
+from swarmnode.compression.state import build_index, decode_index, encode_index, read_range
 from swarmnode.protocol import ProtocolError, RolloutBatch, codec, limits
 
+from swarmnode.exchange.catchup import CatchupError, load_state_file
 from swarmnode.exchange.demo import decode_demo, encode_demo
 from swarmnode.exchange.rollouts import encode_batches, to_rollout_group
 from swarmnode.optim.diloco import DiLoCo
@@ -35,10 +37,12 @@ def test_delta_round_trip_is_close_and_int8_sized() -> None:
 
 def _corruptions() -> list[bytes]:
     blob = encode_delta({"w": torch.ones(300)})
-    wrong_shape = msgpack.packb(
-        {"v": 1, "codec": "int8", "t": [["w", [301], msgpack.unpackb(blob)["t"][0][2]]]}
-    )
-    return [b"", blob[:7], blob[:100], blob[:-5], b"\xff" * 64, wrong_shape]
+    prefix, hlen = blob[:5], int.from_bytes(blob[5:9], "little")
+    header = msgpack.unpackb(blob[9 : 9 + hlen])
+    header["t"][0][1] = [301]  # the payload is for 300 values
+    wrong = msgpack.packb(header)
+    wrong_shape = prefix + len(wrong).to_bytes(4, "little") + wrong + blob[9 + hlen :]
+    return [b"", blob[:7], blob[:100], blob[:-5], blob + b"\0", b"\xff" * 64, wrong_shape]
 
 
 @pytest.mark.parametrize("bad", _corruptions())
@@ -52,32 +56,34 @@ def test_oversized_delta_is_protocol_error() -> None:
         decode_delta(encode_delta({"w": torch.ones(300)}), max_bytes=10)
 
 
-def test_state_blob_restores_diloco_exactly() -> None:
+def test_state_stream_restores_diloco_exactly(tmp_path: Any) -> None:
     src_model = torch.nn.Linear(4, 3)
     src = DiLoCo(src_model.named_parameters())
     with torch.no_grad():
         src_model.weight.add_(0.1)
     src.outer_step(src.pseudo_gradient())
-    state = src.state_dict()
-    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
-    scalars = {k: v for k, v in state.items() if not isinstance(v, torch.Tensor)}
-    blob = encode_state(tensors, scalars)
+    tensors = src.state_tensors()
+    index = build_index(tensors, src.scalars(), chunk=64 << 10)
+    raw = encode_index(index)
+    back = decode_index(raw, max_bytes=len(raw), max_total=index.total)
+    assert back == index
+    path = tmp_path / "state"
+    path.write_bytes(read_range(tensors, index, 0, index.total))
     dst_model = torch.nn.Linear(4, 3)
     dst = DiLoCo(dst_model.named_parameters())
-    dst.load_state_dict(decode_state(blob, max_bytes=len(blob)), reset_local=True)
+    load_state_file(dst, path, back, anchor_hash=src.anchor_hash())
     assert dst.anchor_hash() == src.anchor_hash()
     assert torch.equal(dst_model.weight, src_model.weight)
     assert dst.outer_steps == 1
     with pytest.raises(ProtocolError, match="over the limit"):
-        decode_state(blob, max_bytes=len(blob) - 1)
-    for bad in (
-        b"",
-        blob[:20],
-        b"\x81\xa1v\x02",
-        msgpack.packb({"v": 1, "tensors": b"", "scalars": {"x": [1]}}),
-    ):
+        decode_index(raw, max_bytes=len(raw) - 1, max_total=index.total)
+    with pytest.raises(ProtocolError, match="total"):
+        decode_index(raw, max_bytes=len(raw), max_total=index.total - 1)
+    with pytest.raises(CatchupError, match="anchor hashes"):
+        load_state_file(dst, path, back, anchor_hash="0" * 64)
+    for bad in (b"", raw[:20], b"\x81\xa1v\x02", msgpack.packb({"v": 2, "chunk": 1, "total": 0})):
         with pytest.raises(ProtocolError):
-            decode_state(bad, max_bytes=1 << 20)
+            decode_index(bad, max_bytes=1 << 20, max_total=1 << 20)
 
 
 @dataclass

@@ -1,21 +1,37 @@
 """DiLoCo catch-up for joiners over ``/swarmnode/state/1.0.0``, and the choice of whom to copy.
 
 A late joiner asks a peer that advertises a newer round for the cohort's state. The request carries
-the joiner's cohort fingerprint; the answer is a small state manifest (round, step, content hash,
-size, anchor hash). The state itself (weights + DiLoCo outer state) is served as a content-addressed
-blob and pulled over the blob stream, then hash-checked before anything is loaded: a peer can make
-us wait, never make us load bytes it did not announce.
+the joiner's cohort fingerprint; the answer is a small state manifest (round, step, anchor hash, and
+the sha256 of the state's *index*). The index (``compression.state``) lists the state's layout and
+the sha256 of every 4 MiB chunk; chunks are pulled over the blob stream, each verified on arrival and
+written to a staging file, then loaded tensor by tensor from a memory map. At 0.5 B parameters the
+state is 4 GB: nothing ever holds it twice, a donor serves it straight out of its live tensors, and a
+transfer whose donor dies resumes from the next donor of the same state with the chunks it has.
+A peer can make us wait, never make us load bytes its index did not commit to, and the index must
+match our own model's names, shapes and dtypes before a single chunk is pulled.
 """
 
 from __future__ import annotations
 
-import hashlib
+import asyncio
 import logging
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from swarmnode.compression.state import decode_state, encode_state
+from swarmnode.compression.state import (
+    CHUNK,
+    StateIndex,
+    build_index,
+    decode_index,
+    encode_index,
+    index_size,
+    read_range,
+    tensors_from_file,
+)
+from swarmnode.optim.diloco import hash_anchor
 from swarmnode.protocol import StateManifest, codec
 from swarmnode.protocol.topics import STATE_PROTOCOL
 
@@ -24,30 +40,19 @@ __all__ = [
     "CatchupError",
     "Snapshot",
     "StateServer",
+    "StateTransfer",
     "choose_source",
-    "fetch_state",
-    "load_state",
-    "state_blob",
+    "load_state_file",
+    "snapshot_of",
 ]
 
 log = logging.getLogger(__name__)
+# Chunk pulls in flight per transfer: enough to keep a link busy across request round trips.
+PARALLEL_CHUNKS = 4
 
 
 class CatchupError(RuntimeError):
-    """The peer could not give us a usable state (wrong cohort, hash mismatch, nothing to serve)."""
-
-
-def state_blob(diloco: Any) -> tuple[str, bytes]:
-    """(anchor hash, encoded state) of a ``DiLoCo`` outer optimizer: what a joiner loads."""
-    state = diloco.state_dict()
-    tensors = {k: v for k, v in state.items() if hasattr(v, "shape")}
-    scalars = {k: v for k, v in state.items() if not hasattr(v, "shape")}
-    return diloco.anchor_hash(), encode_state(tensors, scalars)
-
-
-def load_state(diloco: Any, blob: bytes, *, max_bytes: int) -> None:
-    """Decode a peer's state and load it; the optimizer checks names, shapes and finiteness first."""
-    diloco.load_state_dict(decode_state(blob, max_bytes=max_bytes), reset_local=True)
+    """The peer could not give us a usable state (wrong cohort, bad index, nothing to serve)."""
 
 
 @dataclass(slots=True)
@@ -55,26 +60,44 @@ class Snapshot:
     round: int
     step: int
     anchor_hash: str
-    blob: bytes
+    tensors: Mapping[str, Any]  # the live anchor/momentum tensors the index was built from
+    index: StateIndex
+
+
+def snapshot_of(diloco: Any, *, round: int, step: int, chunk: int = CHUNK) -> Snapshot:
+    """Hash the outer optimizer's state chunk by chunk (run it off the event loop: seconds at 0.5 B)."""
+    tensors = diloco.state_tensors()
+    index = build_index(tensors, diloco.scalars(), chunk=chunk)
+    return Snapshot(round=round, step=step, anchor_hash=diloco.anchor_hash(), tensors=tensors, index=index)
 
 
 class StateServer:
-    """Serves the newest snapshot; the node refreshes it after every merge (blob kept until replaced,
-    so a joiner fetching while we merge still gets a consistent state)."""
+    """Serves the newest snapshot: its index as a blob, its chunks as views of the live tensors. The
+    node refreshes it after every merge; a chunk read after the tensors moved fails its requester's
+    hash check, and the requester asks again for the new snapshot."""
 
     def __init__(self, host: Any, cohort: str) -> None:
         self.host = host
         self.cohort = cohort
         self._snapshot: Snapshot | None = None
-        self._hash = ""
+        self._served: list[str] = []
+        self._index_hash = ""
+        self._index_size = 0
         self.served = 0
 
-    def update(self, snapshot: Snapshot) -> None:
-        old = self._hash
-        self._hash = self.host.provide_blob(snapshot.blob)
-        self._snapshot = snapshot
-        if old and old != self._hash:
-            self.host.remove_blob(old)
+    def update(self, snap: Snapshot) -> None:
+        old = self._served
+        index_bytes = encode_index(snap.index)
+        served = [self.host.provide_blob(index_bytes)]
+        for i, digest in enumerate(snap.index.chunks):
+            lo, hi = snap.index.chunk_range(i)
+            read = _chunk_reader(snap.tensors, snap.index, lo)
+            self.host.provide_view(digest.hex(), hi - lo, read)
+            served.append(digest.hex())
+        self._index_hash, self._index_size = served[0], len(index_bytes)
+        self._snapshot, self._served = snap, served
+        for h in set(old) - set(served):
+            self.host.remove_blob(h)
 
     async def handle(self, peer_id: Any, data: bytes) -> bytes:
         cohort = data.decode("ascii", errors="replace")
@@ -87,27 +110,131 @@ class StateServer:
             cohort=self.cohort,
             round=snap.round,
             step=snap.step,
-            content_hash=self._hash,
-            size=len(snap.blob),
+            content_hash=self._index_hash,
+            size=self._index_size,
             anchor_hash=snap.anchor_hash,
         )
         return codec.encode(manifest)
 
 
-async def fetch_state(host: Any, peer_id: Any, cohort: str, *, max_bytes: int) -> tuple[Any, bytes]:
-    """(state manifest, verified blob) from ``peer_id``; raises ``CatchupError``."""
-    answer = await host.request(peer_id, STATE_PROTOCOL, cohort.encode("ascii"))
-    if not answer:
-        raise CatchupError(f"peer {peer_id} has no state for cohort {cohort[:12]}")
-    manifest = codec.decode(answer)
-    if not isinstance(manifest, StateManifest) or manifest.cohort != cohort:
-        raise CatchupError(f"peer {peer_id} answered with a state for another cohort")
-    if manifest.size > max_bytes:
-        raise CatchupError(f"peer {peer_id} offers a {manifest.size}-byte state, over {max_bytes}")
-    blob = await host.fetch(manifest.content_hash, [peer_id], max_size=manifest.size)
-    if hashlib.sha256(blob).hexdigest() != manifest.content_hash or len(blob) != manifest.size:
-        raise CatchupError(f"state from {peer_id} does not match its manifest hash")
-    return manifest, blob
+def _chunk_reader(tensors: Mapping[str, Any], index: StateIndex, base: int) -> Callable[[int, int], bytes]:
+    return lambda start, end: read_range(tensors, index, base + start, base + end)
+
+
+def expected_layout(diloco: Any) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """{state key: (dtype, shape)} a state for our model may contain (anchor required, momentum
+    optional): a donor's index must fit it before any chunk is pulled."""
+    out = {}
+    for name, shape in diloco.shapes().items():
+        out[f"anchor.{name}"] = ("float32", tuple(shape))
+        out[f"momentum.{name}"] = ("float32", tuple(shape))
+    return out
+
+
+class StateTransfer:
+    """One joiner's pull of a cohort state into ``path``, resumable across donors.
+
+    ``pull(donor)`` fetches that donor's manifest and index, checks the index against ``layout``
+    (our model), then pulls every chunk it does not hold yet (chunks already verified at the same
+    position with the same digest are kept: a transfer that lost its donor continues with the next
+    donor of the same state). Every chunk is verified by the host against the index's digest.
+    """
+
+    def __init__(
+        self, host: Any, cohort: str, path: Path, layout: Mapping[str, tuple[str, tuple[int, ...]]]
+    ) -> None:
+        self.host = host
+        self.cohort = cohort
+        self.path = path
+        self.layout = dict(layout)
+        shapes = {k: s for k, (_, s) in self.layout.items()}
+        self.max_total, self.max_index = index_size(shapes)
+        self._have: dict[int, bytes] = {}  # chunk position -> digest written there
+        self.bytes_pulled = 0
+        self.chunks_kept = 0
+
+    async def pull(self, donor: str) -> tuple[Any, StateIndex]:
+        answer = await self.host.request(donor, STATE_PROTOCOL, self.cohort.encode("ascii"))
+        if not answer:
+            raise CatchupError(f"peer {donor} has no state for cohort {self.cohort[:12]}")
+        manifest = codec.decode(answer)
+        if not isinstance(manifest, StateManifest) or manifest.cohort != self.cohort:
+            raise CatchupError(f"peer {donor} answered with a state for another cohort")
+        if manifest.size > self.max_index:
+            raise CatchupError(
+                f"peer {donor} offers a {manifest.size}-byte state index, over {self.max_index}"
+            )
+        raw = await self.host.fetch(manifest.content_hash, [donor], max_size=int(manifest.size))
+        index = decode_index(raw, max_bytes=self.max_index, max_total=self.max_total)
+        self._check_layout(index, donor)
+        self._prepare(index)
+        todo = [i for i in range(len(index.chunks)) if self._have.get(i) != index.chunks[i]]
+        self.chunks_kept = len(index.chunks) - len(todo)
+        sem = asyncio.Semaphore(PARALLEL_CHUNKS)
+        failures: list[str] = []
+
+        async def one(i: int) -> None:
+            # A failed chunk does not cancel the others: what arrives is kept for the next donor.
+            async with sem:
+                if failures:
+                    return  # this donor is failing: leave the rest to the next one
+                lo, hi = index.chunk_range(i)
+                try:
+                    data = await self.host.fetch(index.chunks[i].hex(), [donor], max_size=hi - lo)
+                    if len(data) != hi - lo:
+                        raise CatchupError(f"chunk {i} has {len(data)} bytes, expected {hi - lo}")
+                except Exception as exc:
+                    failures.append(f"chunk {i}: {type(exc).__name__}: {exc}"[:200])
+                    return
+                await asyncio.to_thread(self._write, lo, data)
+                self._have[i] = index.chunks[i]
+                self.bytes_pulled += len(data)
+
+        await asyncio.gather(*(one(i) for i in todo))
+        if failures:
+            raise CatchupError(f"state from {donor}: {failures[0]} ({len(failures)} chunk pulls failed)")
+        return manifest, index
+
+    def _check_layout(self, index: StateIndex, donor: str) -> None:
+        names = {e.name for e in index.tensors}
+        missing = sorted(k for k in self.layout if k.startswith("anchor.") and k not in names)
+        if missing:
+            raise CatchupError(f"state from {donor} lacks {missing[:3]}")
+        for e in index.tensors:
+            want = self.layout.get(e.name)
+            if want is None or want != (e.dtype, e.shape):
+                raise CatchupError(
+                    f"state from {donor}: {e.name} is {e.dtype}{list(e.shape)}, our model needs {want}"
+                )
+
+    def _prepare(self, index: StateIndex) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.path.exists() or self.path.stat().st_size != index.total:
+            self._have.clear()  # another layout: nothing we hold is at the right place
+            with open(self.path, "ab") as f:
+                f.truncate(index.total)
+
+    def _write(self, offset: int, data: bytes) -> None:
+        fd = os.open(self.path, os.O_WRONLY)
+        try:
+            os.pwrite(fd, data, offset)
+        finally:
+            os.close(fd)
+
+    def discard(self) -> None:
+        self._have.clear()
+        self.path.unlink(missing_ok=True)
+
+
+def load_state_file(diloco: Any, path: Path, index: StateIndex, *, anchor_hash: str) -> None:
+    """Load a verified state stream from disk if its anchor is the one the donor announced; the
+    optimizer checks names, shapes and finiteness of every tensor before changing any."""
+    state: dict[str, Any] = dict(tensors_from_file(path, index))
+    got = hash_anchor({k[len("anchor.") :]: v for k, v in state.items() if k.startswith("anchor.")})
+    if got != anchor_hash:
+        raise CatchupError(f"the state's anchor hashes to {got[:12]}, its manifest says {anchor_hash[:12]}")
+    state.update(index.scalars)
+    diloco.load_state_dict(state, reset_local=True)
 
 
 def pick_source(

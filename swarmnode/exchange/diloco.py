@@ -18,24 +18,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from swarmnode.aggregate import replica_spread, robust_mean
-from swarmnode.compression.pseudograd import decode_delta, encode_delta
+from swarmnode.compression.pseudograd import encode_delta, encoded_size
 from swarmnode.exchange.base import BaseExchange, Host, Traffic, receive_loop
 from swarmnode.exchange.catchup import (
     STATE_PROTOCOL,
-    Snapshot,
     StateServer,
+    StateTransfer,
     choose_source,
-    fetch_state,
-    load_state,
-    state_blob,
+    expected_layout,
+    load_state_file,
+    snapshot_of,
 )
-from swarmnode.exchange.collect import Contribution, Inbox, admit, collect_round
+from swarmnode.exchange.collect import Inbox, admit, collect_round
+from swarmnode.exchange.merge import Combine, Contribution, check_delta, merge, weighted_sum
 from swarmnode.membership import Membership
 from swarmnode.protocol import RoundManifest, codec, topics
 from swarmnode.rounds import RoundClock, RoundsConfig
@@ -45,7 +47,14 @@ log = logging.getLogger(__name__)
 # Step-based rounds accept claims at most this many rounds ahead of ours (wall-clock rounds check
 # the clock instead).
 MAX_ROUNDS_AHEAD = 1000
-Aggregate = Callable[[list[Contribution]], dict[str, Any]]
+# A contribution's averaging weight (samples trained on in the round) is capped at this multiple of
+# the round's median claim: a peer on 4x faster hardware still counts fully, a weight of 1e30 does
+# not. The median of the claims is the same on every replica, so the cap keeps anchors bit-equal.
+MAX_WEIGHT_OVER_MEDIAN = 4.0
+# Bytes/s a state transfer is given at least (a 100 Mbit/s link moves ~12 MB/s).
+MIN_STATE_THROUGHPUT = 4e6
+# A channel that failed this many rounds in a row is reported as failing (status, metrics).
+FAILING_AFTER = 3
 
 
 @dataclass(slots=True)
@@ -55,9 +64,8 @@ class _Pending:
     round: int
     task: asyncio.Task[dict[str, Contribution]]
     # None for a round we only observe (a joiner merging the round in flight when it loaded state)
-    published: dict[str, Any] | None = None  # our exact Δ at publish time (θ_published = anchor − Δ)
-    own: dict[str, Any] | None = None  # our Δ as peers decode it: what enters the average
-    weight: float = 0.0
+    published: dict[str, Any] | None = None  # our weights at publish time (their own dtype)
+    own: Contribution | None = None  # our Δ blob as peers pull it: what enters the average
     content_hash: str = ""
 
 
@@ -72,7 +80,8 @@ class DiLoCoExchange(BaseExchange):
         membership: Membership,
         diloco: Any,
         on_weights: Callable[[], None] = lambda: None,
-        aggregate: Aggregate | None = None,
+        combine: Combine = weighted_sum,
+        scratch_dir: Path | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
@@ -83,7 +92,8 @@ class DiLoCoExchange(BaseExchange):
         self.cohort = membership.cohort
         self.diloco = diloco
         self.on_weights = on_weights
-        self.aggregate = aggregate
+        self.combine = combine
+        self.scratch_dir = scratch_dir or Path(tempfile.gettempdir())
         self.clock = clock
         self.topic = topics.cohort_topic(config.swarm, topics.ROUNDS, self.cohort)
         self.traffic = Traffic()
@@ -96,6 +106,25 @@ class DiLoCoExchange(BaseExchange):
         self.replica_distance = float("nan")  # mean ‖θ_i − θ̄‖ over the last merge's contributors
         self.carried_progress = float("nan")  # ‖θ − θ_published‖ carried over the last merge
         self.anchor_hash = ""  # computed once per merge or load, off the event loop
+        # Caps from the model: the largest Δ blob our own model's shapes can encode to, under the
+        # operator's ceiling. A model whose Δ can never fit fails here, before any training.
+        self.shapes = diloco.shapes()
+        self.max_blob_bytes = encoded_size(self.shapes, config.codec)
+        if self.max_blob_bytes > config.max_blob_bytes:
+            raise ValueError(
+                f"this model's {config.codec} pseudo-gradient is up to {self.max_blob_bytes} bytes, over the "
+                f"ceiling of {config.max_blob_bytes}: raise --max-blob-bytes (network.max_blob_bytes)"
+            )
+        self.delta_bytes = 0
+        self.last_merge_weights: list[float] = []  # averaging weights of the last merge, by author
+        self.incomplete_rounds = 0  # merged with fewer contributors than cohort peers expected
+        self.failed_rounds_in_row = 0
+        self.last_round_problem = ""
+        self.catchup_failures = 0
+        self.catchup_failures_in_row = 0
+        self.last_catchup_error = ""
+        self.catchup_s = float("nan")
+        self.clipped = 0
         self.samples_since_publish = 0
         self._inboxes: dict[int, Inbox] = {}
         self._pending: _Pending | None = None
@@ -236,13 +265,19 @@ class DiLoCoExchange(BaseExchange):
     # -- publish and collect ----------------------------------------------------------------------
 
     async def _publish(self, rnd: int, deadline: float) -> None:
-        delta = await asyncio.to_thread(self.diloco.pseudo_gradient)
-        blob = await asyncio.to_thread(encode_delta, delta, self.config.codec)
-        own = await asyncio.to_thread(decode_delta, blob, len(blob))
+        def encode() -> tuple[dict[str, Any], bytes, float]:
+            # θ at publish time first, then Δ = anchor − θ streamed into the encoder one tensor at a
+            # time (training is paused at a step boundary, so both see the same θ)
+            published = self.diloco.local_snapshot()
+            blob = encode_delta(self.diloco.iter_pseudo_gradient(), self.config.codec)
+            return published, blob, check_delta(blob, self.max_blob_bytes, self.shapes)
+
+        published, blob, norm = await asyncio.to_thread(encode)
         content_hash = self.host.provide_blob(blob)
         # Averaging weight: groups trained on since the last publish (DiLoCo weights by samples).
         weight = float(max(1, self.samples_since_publish))
         self.samples_since_publish = 0
+        self.delta_bytes = len(blob)
         manifest = RoundManifest(
             round=rnd,
             author=self.me,
@@ -257,7 +292,7 @@ class DiLoCoExchange(BaseExchange):
         await self.host.publish(self.topic, data)
         self.traffic.bytes_sent += len(data)
         task = self._tg.create_task(self._collect(rnd, deadline))
-        self._pending = _Pending(rnd, task, delta, own, weight, content_hash)
+        self._pending = _Pending(rnd, task, published, Contribution(blob, weight, norm), content_hash)
 
     async def _collect(self, rnd: int, deadline: float) -> dict[str, Contribution]:
         inbox = self._inboxes.setdefault(rnd, Inbox())
@@ -270,17 +305,21 @@ class DiLoCoExchange(BaseExchange):
         )
 
     async def _fetch_one(self, m: Any) -> Contribution | None:
-        """(Δ, weight) from the manifest's author, or None (counted) when anything goes wrong."""
-        limit = self.config.max_blob_bytes
+        """(Δ blob, weight, norm) from the manifest's author, validated against our model, or None
+        (counted) when anything goes wrong."""
+        limit = self.max_blob_bytes
         try:
-            data = await self.host.fetch(m.content_hash, [m.author], max_size=min(int(m.size), limit))
+            if int(m.size) > limit:
+                raise ValueError(f"announces {m.size} bytes, over this model's cap of {limit}")
+            data = await self.host.fetch(m.content_hash, [m.author], max_size=int(m.size))
             self.traffic.bytes_received += len(data)
-            delta = await asyncio.to_thread(decode_delta, data, limit)
+            norm = await asyncio.to_thread(check_delta, data, limit, self.shapes)
         except Exception as exc:  # any failure leaves this peer out of the round
             self.traffic.dropped += 1
+            self.last_round_problem = f"pull from {m.author[:16]} failed: {exc}"[:300]
             log.info("pseudo-gradient fetch from %s failed: %s", m.author, exc)
             return None
-        return delta, float(m.weight)
+        return Contribution(data, float(m.weight), norm)
 
     async def _apply(self, pending: _Pending) -> None:
         self._pending = None
@@ -291,9 +330,21 @@ class DiLoCoExchange(BaseExchange):
             fetched = {}
         contributions: dict[str, Contribution] = dict(fetched)
         if pending.own is not None:
-            contributions[self.me] = (pending.own, pending.weight)
+            contributions[self.me] = pending.own
         if not contributions:  # observed a round nobody's contribution reached us for
             return
+        expected = set(self.members.cohort_peers()) | {self.me} | set(contributions)
+        if pending.own is not None and len(contributions) < len(expected):
+            self.incomplete_rounds += 1
+            self.failed_rounds_in_row += 1
+            missing = sorted(expected - set(contributions))
+            self.last_round_problem = (
+                f"round {pending.round}: {len(contributions)}/{len(expected)} contributors, missing "
+                f"{', '.join(m[:12] for m in missing[:3])}; {self.last_round_problem}"
+            )[:400]
+            log.warning("%s", self.last_round_problem)
+        elif pending.own is not None:
+            self.failed_rounds_in_row = 0
         # Sorted by author so every node sums in the same order and lands on the same anchor bits.
         ordered = [contributions[a] for a in sorted(contributions)]
         await asyncio.to_thread(self._outer_step, ordered, pending)
@@ -310,30 +361,57 @@ class DiLoCoExchange(BaseExchange):
             del self._inboxes[old]
 
     def _outer_step(self, contributions: list[Contribution], pending: _Pending) -> None:
-        # A peer's blob of other names/shapes is screened out by the mean; keep it out of the spread
-        # too (stacking it with ours raises, which would end the node).
-        shapes = self.diloco.shapes()
-        same = [d for d, _ in contributions if {n: tuple(t.shape) for n, t in d.items()} == shapes]
-        self.replica_distance = replica_spread(same)
-        if self.aggregate is not None:
-            avg = self.aggregate(contributions)
-        else:  # our model defines the expected names/shapes: a peer's mismatching blob is dropped
-            avg = robust_mean(contributions, expected=self.diloco.shapes())
-        carried = self.diloco.outer_step(avg, published=pending.published)
-        self.carried_progress = float(carried) if carried is not None else float("nan")
+        weights = sorted(c.weight for c in contributions)
+        cap = weights[(len(weights) - 1) // 2] * MAX_WEIGHT_OVER_MEDIAN
+        report = merge(
+            contributions,
+            self.diloco,
+            max_bytes=self.max_blob_bytes,
+            max_weight=cap,
+            published_local=pending.published,
+            combine=self.combine,
+        )
+        self.replica_distance = report.replica_distance
+        self.last_merge_weights = [min(c.weight, cap) for c in contributions]
+        self.clipped += report.clipped
+        self.carried_progress = report.carried if pending.published is not None else float("nan")
         self.on_weights()
 
     # -- joiners ----------------------------------------------------------------------------------
 
     async def _refresh(self) -> None:
-        """Anchor hash and joiner snapshot after a merge or a load (hashing and encoding off-loop)."""
-        self.anchor_hash, blob = await asyncio.to_thread(state_blob, self.diloco)
-        snap = Snapshot(round=self.round, step=self.step, anchor_hash=self.anchor_hash, blob=blob)
+        """Anchor hash and joiner snapshot after a merge or a load (hashing off the event loop)."""
+        snap = await asyncio.to_thread(snapshot_of, self.diloco, round=self.round, step=self.step)
+        self.anchor_hash = snap.anchor_hash
         self.state_server.update(snap)
 
-    def _load(self, blob: bytes) -> None:
-        load_state(self.diloco, blob, max_bytes=self.config.max_blob_bytes)
-        self.on_weights()
+    def _donors(self, source: str, plausible: dict[str, Any]) -> list[str]:
+        """``source`` first, then every other live peer advertising the same round and anchor: a
+        transfer that loses its donor resumes from them."""
+        first = plausible[source]
+        live = set(self.members.live_peers())
+        others = sorted(
+            p
+            for p, r in plausible.items()
+            if p != source
+            and p in live
+            and getattr(r, "cohort", None) == self.cohort
+            and int(getattr(r, "round", -1)) == int(first.round)
+            and getattr(r, "anchor_hash", "") == getattr(first, "anchor_hash", "")
+        )
+        return [source, *others]
+
+    def _plausible_step(self, manifest: Any, step: int) -> int:
+        """The step a joiner continues from: the donor's, if it fits the donor's round (step rounds:
+        round r ends at step r·H; a catch-up can be at most a round of overlap past that), else ours.
+        It never goes back."""
+        if self.clock_rounds is not None:
+            return step  # wall-clock rounds: the round does not depend on the step; keep our count
+        H = self.config.merge_every
+        rnd, donor_step = int(manifest.round), int(manifest.step)
+        if not rnd * H <= donor_step <= (rnd + 2) * H:
+            raise ValueError(f"donor's step {donor_step} does not fit its round {rnd} (H={H})")
+        return max(step, donor_step)
 
     async def maybe_catch_up(self, step: int) -> int:
         """A fresh node, or one two or more rounds behind, loads the cohort state from a peer that
@@ -358,36 +436,60 @@ class DiLoCoExchange(BaseExchange):
             return step
         source, target = choice
         t0 = self.clock()
-        timeout = max(self.config.collect_seconds, 1.0) * 4
+        donors = self._donors(source, plausible)
+        path = self.scratch_dir / f"state-{self.cohort[:16]}-{self.me[-12:]}.part"
+        transfer = StateTransfer(self.host, self.cohort, path, expected_layout(self.diloco))
+        # Long enough for the whole state at a slow volunteer link (4 GB at 0.5 B params).
+        timeout = max(self.config.collect_seconds * 4, transfer.max_total / MIN_STATE_THROUGHPUT)
+        manifest = None
+        errors: list[str] = []
         try:
-            manifest, blob = await asyncio.wait_for(
-                fetch_state(self.host, source, self.cohort, max_bytes=self.config.max_blob_bytes), timeout
-            )
-            if target and manifest.anchor_hash != target:
-                return step  # the peer moved on since its presence; the next presence decides again
-            if not self.round <= int(manifest.round) <= limit:
-                raise ValueError(
-                    f"donor's state is for round {manifest.round}, outside [{self.round}, {limit}]"
-                )
-            await asyncio.to_thread(self._load, blob)
-        except Exception as exc:  # nothing a donor sends or fails to send may end the node
-            self.traffic.dropped += 1
-            log.warning("catch-up from %s failed: %s", source, exc)
-            return step
+            for donor in donors[:4]:
+                try:
+                    manifest, index = await asyncio.wait_for(transfer.pull(donor), timeout)
+                except Exception as exc:  # nothing a donor sends or fails to send may end the node
+                    errors.append(f"{donor[:16]}: {_reason(exc)}")
+                    manifest = None
+                    continue
+                if target and manifest.anchor_hash != target:
+                    return step  # the peer moved on since its presence; the next presence decides again
+                if not self.round <= int(manifest.round) <= limit:
+                    errors.append(
+                        f"{donor[:16]}: state for round {manifest.round}, outside [{self.round}, {limit}]"
+                    )
+                    manifest = None
+                    continue
+                try:
+                    new_step = self._plausible_step(manifest, step)
+                    await asyncio.to_thread(self._load_file, path, index, manifest.anchor_hash)
+                except Exception as exc:
+                    errors.append(f"{donor[:16]}: {_reason(exc)}")
+                    manifest = None
+                    transfer.discard()
+                    continue
+                break
         finally:
+            transfer.discard()
             self.blocked_s += self.clock() - t0
+        if manifest is None:
+            self.traffic.dropped += 1
+            self.catchup_failures += 1
+            self.catchup_failures_in_row += 1
+            self.last_catchup_error = "; ".join(errors)[:400] or "no donor answered"
+            log.warning("catch-up failed: %s", self.last_catchup_error)
+            return step
+        self.catchup_failures_in_row = 0
+        self.catchup_s = self.clock() - t0
         self.round = int(manifest.round)
         if target:
             self.heals += 1
         else:
             self.catchups += 1
-            step = max(step, int(manifest.step))  # a joiner adopts the cohort's step, never going back
+            step = new_step  # a joiner adopts the cohort's step (step rounds), never going back
         self.step = step
         self.samples_since_publish = 0
         self._inboxes = {r: v for r, v in self._inboxes.items() if r > self.round}
         await self._refresh()
-        if self.anchor_hash != manifest.anchor_hash:
-            log.warning("state from %s loaded but its anchor hash differs from the manifest", source)
         if not target:
             # The snapshot is the anchor after round r while the cohort may already be collecting
             # round r+1 from it: merge that round with them (our Δ would be empty) so we land on the
@@ -398,8 +500,30 @@ class DiLoCoExchange(BaseExchange):
         log.info("caught up from %s: round %d step %d", source, manifest.round, manifest.step)
         return step
 
+    def _load_file(self, path: Path, index: Any, anchor_hash: str) -> None:
+        load_state_file(self.diloco, path, index, anchor_hash=anchor_hash)
+        self.on_weights()
+
+    def health(self) -> str:
+        """ "ok", or what keeps failing: what the status table, metrics and MQTT show."""
+        problems = []
+        if self.failed_rounds_in_row >= FAILING_AFTER:
+            problems.append(
+                f"merges incomplete {self.failed_rounds_in_row} rounds in a row ({self.last_round_problem})"
+            )
+        if self.catchup_failures_in_row >= FAILING_AFTER:
+            problems.append(f"catch-up failing ({self.last_catchup_error})")
+        return "; ".join(problems)[:500] or "ok"
+
     def statistics(self) -> dict[str, Any]:
         return {
+            "diloco_health": self.health(),
+            "diloco_incomplete_rounds": self.incomplete_rounds,
+            "diloco_clipped": self.clipped,
+            "diloco_delta_bytes": self.delta_bytes,
+            "diloco_blob_cap": self.max_blob_bytes,
+            "catchup_failures": self.catchup_failures,
+            "catchup_s": self.catchup_s,
             "round": self.round,
             "anchor_hash": self.anchor_hash,
             "merges": self.merges,
@@ -411,3 +535,10 @@ class DiLoCoExchange(BaseExchange):
             "diloco_blocked_s": round(self.blocked_s, 4),
             **self.traffic.as_dict("diloco"),
         }
+
+
+def _reason(exc: BaseException) -> str:
+    """One line for an error, unwrapping the task group's exception groups."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return f"{type(exc).__name__}: {exc}"[:200]

@@ -10,12 +10,30 @@ average the same Δs land on bit-identical anchors, which ``anchor_hash`` lets t
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 
-__all__ = ["DiLoCo"]
+__all__ = ["DiLoCo", "hash_anchor"]
+
+
+def hash_anchor(anchor: Mapping[str, torch.Tensor]) -> str:
+    """``DiLoCo.anchor_hash`` of any {name: tensor} (e.g. the anchor inside a joiner's state file,
+    checked before it is loaded)."""
+    h = hashlib.sha256()
+    for name in sorted(anchor):
+        t = anchor[name].detach().cpu().to(torch.float32).contiguous()
+        h.update(name.encode())
+        h.update(b"\0")
+        h.update(repr(tuple(t.shape)).encode())
+        h.update(b"\0")
+        # numpy gives a stable little-endian byte view on every platform we run on; hashed from the
+        # view, in slices, so a 2 GB anchor is never copied
+        raw = t.reshape(-1).view(torch.uint8).numpy()
+        for lo in range(0, raw.size, 1 << 24):
+            h.update(raw[lo : lo + (1 << 24)])
+    return h.hexdigest()
 
 
 class DiLoCo:
@@ -63,6 +81,75 @@ class DiLoCo:
         }
 
     @torch.no_grad()
+    def iter_pseudo_gradient(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, Δ) in sorted name order, one fp32 tensor at a time: what the Δ encoder streams
+        from, so a 0.5 B-parameter model never materialises its whole fp32 Δ (2 GB)."""
+        for n in sorted(self.params):
+            yield n, (self.anchor[n] - self.params[n].detach().to(dtype=torch.float32)).cpu()
+
+    @torch.no_grad()
+    def local_snapshot(self) -> dict[str, torch.Tensor]:
+        """A copy of the live weights in their own dtype (bf16 models: half the fp32 Δ's size): what
+        ``outer_step_streaming`` needs to carry over the inner steps taken after a publish."""
+        return {n: p.detach().to("cpu", copy=True) for n, p in self.params.items()}
+
+    @torch.no_grad()
+    def outer_step_streaming(
+        self,
+        avg_delta: Iterable[tuple[str, torch.Tensor]],
+        *,
+        published_local: Mapping[str, torch.Tensor] | None = None,
+    ) -> float:
+        """``outer_step`` fed one averaged tensor at a time (every parameter exactly once, any order):
+        the merge of a large model decodes, averages and applies tensor by tensor.
+
+        ``published_local`` is ``local_snapshot()`` at publish time; the inner steps since are carried
+        over: local ← anchor' + (local − published_local). Each tensor is checked (name, shape, finite)
+        before it touches the anchor; callers validate every contribution first, so a failure here
+        is a bug, and it raises before the anchor of the offending tensor changes. Returns the norm of
+        the carried progress.
+        """
+        seen: set[str] = set()
+        sq = 0.0
+        for name, d in avg_delta:
+            if name not in self.params or name in seen:
+                raise ValueError(f"avg_delta: unexpected or repeated parameter {name!r}")
+            self._check_one(name, d, "avg_delta")
+            d = d.to(device=self.anchor[name].device, dtype=torch.float32)
+            if not bool(torch.isfinite(d).all()):
+                raise ValueError(f"avg_delta[{name!r}] has non-finite values; aggregate first")
+            seen.add(name)
+            p = self.params[name]
+            progress = None
+            if published_local is not None:
+                progress = p.detach().to(torch.float32) - published_local[name].to(p.device, torch.float32)
+            self._step_one(name, d)
+            if progress is None:
+                p.copy_(self.anchor[name].to(device=p.device, dtype=p.dtype))
+            else:
+                sq += float(progress.pow(2).sum())
+                p.copy_((self.anchor[name] + progress).to(device=p.device, dtype=p.dtype))
+        missing = sorted(set(self.params) - seen)
+        if missing:
+            raise ValueError(f"avg_delta is missing parameters {missing[:5]}")
+        self.outer_steps += 1
+        return sq**0.5
+
+    def _step_one(self, name: str, d: torch.Tensor) -> None:
+        anchor = self.anchor[name]
+        if self.momentum > 0:
+            buf = self.buffers.get(name)
+            if buf is None:
+                buf = d.clone()
+                self.buffers[name] = buf
+            else:
+                buf.mul_(self.momentum).add_(d)
+            update = d.add(buf, alpha=self.momentum) if self.nesterov else buf
+        else:
+            update = d
+        anchor.sub_(update, alpha=self.lr)
+
+    @torch.no_grad()
     def outer_step(
         self, avg_delta: Mapping[str, torch.Tensor], *, published: Mapping[str, torch.Tensor] | None = None
     ) -> float:
@@ -91,19 +178,7 @@ class DiLoCo:
             for name in self.params:
                 progress[name] = published[name].to(torch.float32).cpu() - now[name]
         for name in self.params:
-            anchor = self.anchor[name]
-            d = avg_delta[name].to(device=anchor.device, dtype=torch.float32)
-            if self.momentum > 0:
-                buf = self.buffers.get(name)
-                if buf is None:
-                    buf = d.clone()
-                    self.buffers[name] = buf
-                else:
-                    buf.mul_(self.momentum).add_(d)
-                update = d.add(buf, alpha=self.momentum) if self.nesterov else buf
-            else:
-                update = d
-            anchor.sub_(update, alpha=self.lr)
+            self._step_one(name, avg_delta[name].to(device=self.anchor[name].device, dtype=torch.float32))
         self.outer_steps += 1
         self.reset_local()
         sq = 0.0
@@ -122,16 +197,7 @@ class DiLoCo:
     def anchor_hash(self) -> str:
         """sha256 over sorted names, shapes and little-endian fp32 anchor bytes: equal across
         processes and machines for equal anchors."""
-        h = hashlib.sha256()
-        for name in sorted(self.anchor):
-            t = self.anchor[name].detach().cpu().contiguous()
-            h.update(name.encode())
-            h.update(b"\0")
-            h.update(repr(tuple(t.shape)).encode())
-            h.update(b"\0")
-            # numpy gives a stable little-endian byte view on every platform we run on
-            h.update(t.numpy().astype("<f4", copy=False).tobytes())
-        return h.hexdigest()
+        return hash_anchor(self.anchor)
 
     # -- checkpoints and joiners ----------------------------------------------------------------
 
@@ -145,6 +211,21 @@ class DiLoCo:
         out.update({f"momentum.{n}": t.detach().cpu().clone() for n, t in self.buffers.items()})
         out.update(lr=self.lr, momentum=self.momentum, nesterov=self.nesterov, outer_steps=self.outer_steps)
         return out
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The live anchor and momentum tensors (no copies), keyed like ``state_dict``: what the
+        joiner snapshot hashes and serves chunk by chunk. Read-only for callers."""
+        out = {f"anchor.{n}": t for n, t in self.anchor.items()}
+        out.update({f"momentum.{n}": t for n, t in self.buffers.items()})
+        return out
+
+    def scalars(self) -> dict[str, float | int | bool]:
+        return {
+            "lr": self.lr,
+            "momentum": self.momentum,
+            "nesterov": self.nesterov,
+            "outer_steps": self.outer_steps,
+        }
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """{name: shape}: what a valid pseudo-gradient looks like (``robust_mean(expected=...)``)."""
@@ -188,7 +269,16 @@ class DiLoCo:
             self.lr, self.momentum, self.nesterov = other.lr, other.momentum, other.nesterov
         for name in self.params:
             self.anchor[name].copy_(anchors[name].to(torch.float32))
-        self.buffers = {n: t.detach().to(torch.float32).clone() for n, t in moms.items()}
+        # Into the existing buffers where there are some: a 0.5 B model's momentum is 2 GB, and a
+        # joiner loading from a memory-mapped state file must not hold it twice.
+        buffers: dict[str, torch.Tensor] = {}
+        for n, t in moms.items():
+            buf = self.buffers.get(n)
+            if buf is not None and buf.shape == t.shape:
+                buffers[n] = buf.copy_(t)
+            else:
+                buffers[n] = t.detach().to(torch.float32, copy=True)
+        self.buffers = buffers
         self.outer_steps = steps
         if reset_local:
             self.reset_local()

@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import logging
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,11 +92,24 @@ class BlobStats:
         return {name: getattr(self, name) for name in self.__slots__}  # type: ignore[attr-defined]
 
 
+@dataclass(frozen=True, slots=True)
+class BlobView:
+    """A blob read on demand from memory its owner keeps (a chunk of live tensors): served without an
+    encoded copy. The owner names its digest; if the memory changes, requesters' hash checks fail
+    and they move to another provider, so a view can never make a peer accept wrong bytes."""
+
+    size: int
+    read: Callable[[int, int], bytes]  # (start, end) -> bytes [start, end)
+
+    def __len__(self) -> int:
+        return self.size
+
+
 class BlobStore:
     """Blobs this node serves, keyed by sha256 hex. Plain dict: `bytes` are immutable and shared."""
 
     def __init__(self, stats: BlobStats) -> None:
-        self._blobs: dict[str, bytes] = {}
+        self._blobs: dict[str, bytes | BlobView] = {}
         self.stats = stats
 
     def provide(self, data: bytes) -> str:
@@ -106,9 +120,14 @@ class BlobStore:
             self.stats.bytes_held += len(data)
         return digest
 
+    def provide_view(self, digest: str, view: BlobView) -> None:
+        if digest not in self._blobs:
+            self._blobs[digest] = view
+            self.stats.provided += 1
+
     def remove(self, digest: str) -> None:
         data = self._blobs.pop(digest, None)
-        if data is not None:
+        if isinstance(data, bytes):
             self.stats.bytes_held -= len(data)
 
     async def serve(self, stream: Any) -> None:
@@ -134,7 +153,20 @@ class BlobStore:
             return BlobResponse(
                 content_hash=req.content_hash, offset=req.offset, total_size=0, data=b"", error=error
             )
-        chunk = data[req.offset : req.offset + req.length]
+        end = min(len(data), req.offset + req.length)
+        if isinstance(data, BlobView):
+            try:
+                chunk = data.read(req.offset, end)
+            except Exception as exc:  # the owner's memory went away (e.g. replaced by a merge)
+                return BlobResponse(
+                    content_hash=req.content_hash,
+                    offset=req.offset,
+                    total_size=0,
+                    data=b"",
+                    error=f"unavailable: {exc}"[:200],
+                )
+        else:
+            chunk = data[req.offset : end]
         self.stats.served_requests += 1
         self.stats.served_bytes += len(chunk)
         return BlobResponse(
