@@ -245,8 +245,10 @@ def test_policy_prefers_other_cohorts_and_problems_this_node_fails_on() -> None:
     policy.add("peerC", COHORT_B, [easy_other, hard_other], step=5)
     assert hard_other.meta == {"arrival_step": 5, "cohort": "other"}
     assert policy.take(5, 2) == [hard_other, hard_same]
-    assert policy.take(5, 2) == [easy_other]
-    assert policy.counts["borrowed_other_cohort"] == 2
+    # another cohort's sender did worse on it (1 of 2) than we do on 3-letter words: not borrowed
+    assert policy.take(5, 2) == []
+    assert len(policy) == 1
+    assert policy.counts["borrowed_other_cohort"] == 1
     assert policy.counts["borrowed_same_cohort"] == 1
 
 
