@@ -137,13 +137,24 @@ def build_node(cfg: NodeConfig, host: Host, learner: Learner, *, data_dir: Path,
         learner.trainer.optimizer = demo_ex.optimizer  # the trainer now steps through the exchange
         exchanges.append(demo_ex)
     if dl.enabled:
+        from swarmnode.compression.pseudograd import encoded_size
+        from swarmnode.rounds import collect_window
+
+        collect = dl.collect_seconds
+        if collect is None:
+            collect = collect_window(
+                encoded_size(learner.diloco.shapes()),
+                max(net.expect_peers, 1),
+                net.link_mbps,
+                round_seconds=dl.round_seconds or 0.0,
+            )
         diloco_ex = DiLoCoExchange(
             RoundsConfig(
                 swarm=swarm,
                 merge_every=0 if dl.round_seconds else dl.inner_steps,
                 round_seconds=dl.round_seconds or 0.0,
                 genesis=cfg.swarm.genesis,
-                collect_seconds=dl.collect_seconds,
+                collect_seconds=collect,
                 max_blob_bytes=net.max_blob_bytes,
                 expect_peers=net.expect_peers,
                 join_wait_s=net.join_wait_s,
@@ -152,6 +163,7 @@ def build_node(cfg: NodeConfig, host: Host, learner: Learner, *, data_dir: Path,
             membership=membership,
             diloco=learner.diloco,
             on_weights=learner.push_weights,
+            scratch_dir=data_dir / "incoming",
         )
         exchanges.append(diloco_ex)
     resumed = learner.resume()

@@ -4,7 +4,7 @@ Layout of the TOML file (every key optional; unknown keys are errors, so typos n
 
     [swarm]      id, genesis
     [network]    data_dir, listen_host, port, bootstrap, target_peers, expect_peers, join_wait_s,
-                 presence_interval_s, peer_timeout_s, max_blob_bytes
+                 presence_interval_s, peer_timeout_s, max_blob_bytes, link_mbps
     [model]      model, engine, device, dtype
     [task]       family, seed
     [train]      optimizer, steps, duration_s, eval_every, eval_prompts, group_size, local_groups,
@@ -105,7 +105,10 @@ class NetworkSection:
     join_wait_s: float = 3.0  # longest wait for expect_peers before training alone
     presence_interval_s: float = 2.0
     peer_timeout_s: float = 15.0  # a peer not heard from for this long is no longer expected
-    max_blob_bytes: int = 256 * 1024 * 1024  # largest pseudo-gradient or state blob pulled from a peer
+    # Ceiling over the caps derived from the model (a dense int8 Δ is ~1 B/param): 8 GiB fits a
+    # 7B model; a model whose Δ exceeds it is refused at start, naming this setting.
+    max_blob_bytes: int = 8 << 30
+    link_mbps: float = 100.0  # this node's link, Mbit/s: sizes the default DiLoCo collection window
 
     def __post_init__(self) -> None:
         _range("port", self.port, 0, 65535)
@@ -121,6 +124,7 @@ class NetworkSection:
                 f"got {self.peer_timeout_s}"
             )
         _range("max_blob_bytes", self.max_blob_bytes, 1 << 20, 1 << 40)
+        _range("link_mbps", self.link_mbps, 0.1, 1e6)
         if not self.listen_host:
             raise ValueError("listen_host must be non-empty")
         for addr in self.bootstrap:
@@ -217,19 +221,22 @@ class DilocoSection:
     round_seconds: float | None = None  # set: wall-clock rounds from the swarm genesis instead of H
     outer_lr: float = 0.7  # DiLoCo / PRIME values
     momentum: float = 0.9
-    collect_seconds: float = 10.0  # how long a round waits for peers' pseudo-gradients at most
+    # How long a round waits for peers' pseudo-gradients at most; None: from the model's Δ size,
+    # the expected peers and network.link_mbps (rounds.collect_window).
+    collect_seconds: float | None = None
 
     def __post_init__(self) -> None:
         _range("inner_steps", self.inner_steps, 1)
         if self.round_seconds is not None:
             _range("round_seconds", self.round_seconds, 1e-3)
-            if self.collect_seconds > self.round_seconds:
+            if self.collect_seconds is not None and self.collect_seconds > self.round_seconds:
                 raise ValueError(
                     f"collect_seconds must be <= round_seconds ({self.round_seconds}), got {self.collect_seconds}"
                 )
         _range("outer_lr", self.outer_lr, 1e-6, 10.0)
         _range("momentum", self.momentum, 0.0, 0.999)
-        _range("collect_seconds", self.collect_seconds, 1e-3, 3600.0)
+        if self.collect_seconds is not None:
+            _range("collect_seconds", self.collect_seconds, 1e-3, 3600.0)
 
 
 @dataclass(kw_only=True, slots=True)

@@ -68,6 +68,7 @@ async def serve(cfg: NodeConfig) -> None:
         port=net.port,
         bootstrap=list(net.bootstrap),
         target_peers=net.target_peers,
+        max_blob_bytes=net.max_blob_bytes,
     )
     try:
         async with open_host(host_cfg) as host, open_telemetry(cfg) as telemetry:

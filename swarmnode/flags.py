@@ -54,6 +54,12 @@ _FLAGS: list[tuple[str, str, str, str | None]] = [
         "largest pseudo-gradient or state blob from a peer",
         "BYTES",
     ),
+    (
+        "--link-mbps",
+        "network.link_mbps",
+        "this node's link speed, sizes the default collection window",
+        "MBIT",
+    ),
     ("--model", "model.model", "model dir, hub id (already cached) or 'tiny' (built locally)", "MODEL"),
     ("--engine", "model.engine", "rollout engine", None),
     ("--device", "model.device", "torch device, e.g. cpu or cuda:0", "DEVICE"),
@@ -97,6 +103,7 @@ _FLAGS: list[tuple[str, str, str, str | None]] = [
 _UNSET: dict[str, str] = {
     "swarm.genesis": "derived from the swarm id",
     "model.dtype": "as the model loads",
+    "diloco.collect_seconds": "from the model size, expected peers and --link-mbps",
     "train.steps": "until stopped",
     "train.duration_s": "no limit",
     "diloco.round_seconds": "rounds of H steps",

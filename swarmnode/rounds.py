@@ -114,6 +114,22 @@ class RoundClock:
             await sleep(remaining)
 
 
+# The collection window covers pulling every expected peer's Δ at the declared link speed this many
+# times over (a busy link, a slow peer), and never less than the floor (gossip and scheduling).
+COLLECT_SAFETY = 3.0
+COLLECT_FLOOR_S = 10.0
+
+
+def collect_window(delta_bytes: int, peers: int, link_mbps: float, *, round_seconds: float = 0.0) -> float:
+    """Default seconds a round waits for pseudo-gradients: ``peers`` pulls of ``delta_bytes`` at
+    ``link_mbps`` with a safety factor; capped by the round length for wall-clock rounds (then the
+    exchange reports, in its health, rounds whose pulls did not finish)."""
+    need = COLLECT_FLOOR_S + COLLECT_SAFETY * max(1, peers) * delta_bytes / (link_mbps * 125_000.0)
+    if round_seconds > 0:
+        need = min(need, round_seconds)
+    return round(need, 1)
+
+
 @dataclass(kw_only=True, slots=True)
 class RoundsConfig:
     swarm: str = "default"

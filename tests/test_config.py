@@ -195,7 +195,8 @@ def test_network_and_demo_window_settings() -> None:
     defaults = NodeConfig()
     assert (defaults.network.expect_peers, defaults.network.join_wait_s) == (1, 3.0)
     assert (defaults.network.presence_interval_s, defaults.network.peer_timeout_s) == (2.0, 15.0)
-    assert (defaults.network.max_blob_bytes, defaults.demo.window_s) == (268435456, 0.0)
+    assert (defaults.network.max_blob_bytes, defaults.demo.window_s) == (8 << 30, 0.0)
+    assert defaults.diloco.collect_seconds is None  # derived from the model (rounds.collect_window)
 
 
 @pytest.mark.parametrize(
@@ -258,3 +259,14 @@ def test_swarm_id_rule_is_the_wire_rule() -> None:
             check_swarm_id(bad, "swarm")
     with pytest.raises(ConfigError, match=r"command line: swarm\.id must be 1-64 characters"):
         _parse(["--swarm", "Bad Name"])
+
+
+def test_the_default_collection_window_grows_with_the_model_and_shrinks_with_the_link() -> None:
+    from swarmnode.rounds import COLLECT_FLOOR_S, collect_window
+
+    tiny = collect_window(100_000, 3, 100.0)
+    half_b = collect_window(500_000_000, 3, 100.0)  # a 0.5 B model's int8 Δ, 3 peers, 100 Mbit/s
+    assert tiny < COLLECT_FLOOR_S + 1
+    assert half_b > 3 * 3 * 40  # three pulls of 40 s each, with the safety factor
+    assert collect_window(500_000_000, 3, 1000.0) < half_b
+    assert collect_window(500_000_000, 3, 100.0, round_seconds=60.0) == 60.0
