@@ -116,6 +116,7 @@ class DiLoCoExchange(BaseExchange):
                 f"ceiling of {config.max_blob_bytes}: raise --max-blob-bytes (network.max_blob_bytes)"
             )
         self.delta_bytes = 0
+        self.merged_own = False  # the last merge included our own Δ (False: we only observed it)
         self.last_merge_weights: list[float] = []  # averaging weights of the last merge, by author
         self.incomplete_rounds = 0  # merged with fewer contributors than cohort peers expected
         self.failed_rounds_in_row = 0
@@ -351,6 +352,7 @@ class DiLoCoExchange(BaseExchange):
         self.round = pending.round
         self.merges += 1
         self.merge_contributors = len(ordered)
+        self.merged_own = pending.own is not None
         await self._refresh()
         # Serve our blob until the next round: slower peers may still be fetching it.
         if pending.content_hash:
@@ -519,6 +521,7 @@ class DiLoCoExchange(BaseExchange):
         return {
             "diloco_health": self.health(),
             "diloco_incomplete_rounds": self.incomplete_rounds,
+            "diloco_merged_own": self.merged_own,
             "diloco_clipped": self.clipped,
             "diloco_delta_bytes": self.delta_bytes,
             "diloco_blob_cap": self.max_blob_bytes,
