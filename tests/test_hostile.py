@@ -12,7 +12,6 @@ import inspect
 import math
 from typing import Any
 
-import pytest
 import torch
 from fakes import COHORT_A, SWARM, Bus, FakeClock, FakeHost, Msg, make_membership, run, settle, with_started
 from swarmnode.compression.pseudograd import encode_delta
@@ -208,11 +207,6 @@ def test_150_sybil_presences_add_nothing_to_round_latency() -> None:
 # -- DeMo: a peer pushing one DC coefficient 40 times a step ---------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DemoExchange._take flattens each peer's messages into separate voters; returning them "
-    "grouped per peer (`return len(fresh), fresh`) makes the push count once",
-)
 def test_a_dc_push_repeated_40_times_a_step_gets_one_vote_through_the_exchange() -> None:
     from swarmnode.exchange.demo import DemoExchange, DemoGossipConfig, encode_demo
     from swarmnode.optim.demo import DeMo

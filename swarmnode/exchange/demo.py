@@ -244,11 +244,12 @@ class DemoExchange(BaseExchange):
     # -- trainer thread side ----------------------------------------------------------------------
 
     def _take(self) -> tuple[int, list[Any]]:
-        """(peers, their component dicts) that arrived since our previous step."""
+        """(peers, per peer the list of component dicts it sent) since our previous step: grouped by
+        peer, so a peer that sends a tensor many times in a step still casts one vote."""
         lag = self.config.max_lag
         fresh = [g for s, g in self._inbox.values() if lag is None or abs(s - self.step_no) <= lag]
         self._inbox.clear()
-        return len(fresh), [d for groups in fresh for d in groups]
+        return len(fresh), fresh
 
     def _step(self, demo: Any) -> None:
         own = demo.compute_components()
