@@ -8,7 +8,6 @@ the attacker's host, so here they are delivered with their own origin and no hos
 from __future__ import annotations
 
 import asyncio
-import inspect
 import math
 from typing import Any
 
@@ -17,7 +16,6 @@ from fakes import COHORT_A, SWARM, Bus, FakeClock, FakeHost, Msg, make_membershi
 from swarmnode.compression.pseudograd import encode_delta
 from swarmnode.protocol import Presence, RoundManifest, codec, topics
 
-from swarmnode.aggregate import robust_mean, trimmed_combine
 from swarmnode.exchange.diloco import DiLoCoExchange
 from swarmnode.membership import Status
 from swarmnode.optim.diloco import DiLoCo
@@ -59,18 +57,9 @@ def presence(peer: str, rnd: int = 0, anchor: str = "") -> bytes:
 
 
 def _merge_rule(robust: bool) -> dict[str, Any]:
-    """The exchange's keyword for the merge rule: ``combine`` (per tensor, the streaming merge) or,
-    before it, ``aggregate`` (whole dicts). ``robust``: the coordinate-wise trimmed mean."""
-    params = inspect.signature(DiLoCoExchange.__init__).parameters
-    if not robust:
-        return {}
-    if "combine" in params:
-        return {"combine": trimmed_combine}
-
-    def trimmed(contributions: list[Any]) -> dict[str, torch.Tensor]:
-        return robust_mean(contributions, method="trimmed", ceiling=12.0, expected={"w": (16,)})
-
-    return {"aggregate": trimmed}
+    """The exchange's merge rule: the coordinate-wise trimmed mean (its default), or the plain
+    weighted mean to show what the attack does without it."""
+    return {"method": "trimmed" if robust else "mean"}
 
 
 class Replica:

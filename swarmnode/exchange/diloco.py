@@ -37,7 +37,7 @@ from swarmnode.exchange.catchup import (
     snapshot_of,
 )
 from swarmnode.exchange.collect import Inbox, admit, collect_round
-from swarmnode.exchange.merge import Combine, Contribution, check_delta, merge, weighted_sum
+from swarmnode.exchange.merge import Contribution, check_delta, merge
 from swarmnode.membership import Membership
 from swarmnode.protocol import RoundManifest, codec, topics
 from swarmnode.rounds import RoundClock, RoundsConfig
@@ -80,7 +80,7 @@ class DiLoCoExchange(BaseExchange):
         membership: Membership,
         diloco: Any,
         on_weights: Callable[[], None] = lambda: None,
-        combine: Combine = weighted_sum,
+        method: str = "trimmed",
         scratch_dir: Path | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
@@ -92,7 +92,7 @@ class DiLoCoExchange(BaseExchange):
         self.cohort = membership.cohort
         self.diloco = diloco
         self.on_weights = on_weights
-        self.combine = combine
+        self.method = method  # how contributions combine per coordinate (swarmnode.aggregate.METHODS)
         self.scratch_dir = scratch_dir or Path(tempfile.gettempdir())
         self.clock = clock
         self.topic = topics.cohort_topic(config.swarm, topics.ROUNDS, self.cohort)
@@ -371,7 +371,7 @@ class DiLoCoExchange(BaseExchange):
             max_bytes=self.max_blob_bytes,
             max_weight=cap,
             published_local=pending.published,
-            combine=self.combine,
+            method=self.method,
         )
         self.replica_distance = report.replica_distance
         self.last_merge_weights = [min(c.weight, cap) for c in contributions]

@@ -8,27 +8,28 @@ combines them and hands the result to ``DiLoCo.outer_step_streaming``: the peak 
 copies of the largest tensor, not of the model.
 
 Weights: each peer's claimed weight is capped by ``max_weight`` (what a peer can have trained on in a
-round), then each contribution is clipped to the median global norm (Templar's rule, so one 1000×
-outlier counts at most as much as a typical peer), then averaged. Contributions are sorted by author
+round), each contribution is clipped to the median global norm (Templar's rule, so one 1000×
+outlier counts at most as much as a typical peer), then every coordinate is aggregated by
+``aggregate.combine`` (default: the coordinate-wise trimmed mean, which bounds the *direction* one
+Byzantine contributor of four can push, not only its norm). Contributions are sorted by author
 and every step is deterministic, so replicas that merged the same blobs land on bit-identical anchors.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from swarmnode.aggregate import bound_weights, clip_scales, combine
 from swarmnode.compression.pseudograd import iter_decode_delta
 from swarmnode.protocol.errors import ProtocolError
 
-__all__ = ["Combine", "Contribution", "MergeReport", "check_delta", "merge"]
+__all__ = ["Contribution", "MergeReport", "check_delta", "merge"]
 
-# (decoded tensors of one parameter, their final coefficients summing to 1) -> the averaged tensor
-Combine = Callable[[Sequence[torch.Tensor], Sequence[float]], torch.Tensor]
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,30 +64,6 @@ def check_delta(blob: bytes, max_bytes: int, shapes: Mapping[str, tuple[int, ...
     return math.sqrt(sq)
 
 
-def weighted_sum(tensors: Sequence[torch.Tensor], coefs: Sequence[float]) -> torch.Tensor:
-    out = torch.zeros_like(tensors[0], dtype=torch.float32)
-    for t, c in zip(tensors, coefs, strict=True):
-        out.add_(t.to(torch.float32), alpha=c)
-    return out
-
-
-def coefficients(contribs: Sequence[Contribution], max_weight: float) -> tuple[list[float], int, float]:
-    """(per-contribution coefficient, how many were norm-clipped, the clip norm)."""
-    weights = [min(max(c.weight, 0.0), max_weight) for c in contribs]
-    total = sum(weights) or 1.0
-    norms = sorted(c.norm for c in contribs)
-    # the lower middle for even counts: with two peers the smaller norm wins, the conservative
-    # choice when one of two may be hostile
-    clip = norms[(len(norms) - 1) // 2]
-    coefs, clipped = [], 0
-    for c, w in zip(contribs, weights, strict=True):
-        scale = 1.0
-        if c.norm > clip > 0:
-            scale, clipped = clip / c.norm, clipped + 1
-        coefs.append(w / total * scale)
-    return coefs, clipped, clip
-
-
 def merge(
     contribs: Sequence[Contribution],
     diloco: Any,
@@ -94,11 +71,14 @@ def merge(
     max_bytes: int,
     max_weight: float,
     published_local: Mapping[str, torch.Tensor] | None,
-    combine: Combine = weighted_sum,
+    method: str = "trimmed",
 ) -> MergeReport:
-    """Average the contributions (sorted by author by the caller) and take the outer step."""
+    """Average the contributions (sorted by author by the caller) with ``aggregate.combine`` and
+    take the outer step; see ``swarmnode.aggregate`` for what each method tolerates."""
     report = MergeReport(contributors=len(contribs))
-    coefs, report.clipped, report.clip_norm = coefficients(contribs, max_weight)
+    weights = bound_weights([c.weight for c in contribs], max_weight)
+    scales = clip_scales([c.norm for c in contribs])
+    report.clipped = sum(1 for s in scales if s < 1.0)
     streams = [iter_decode_delta(c.blob, max_bytes) for c in contribs]
     spread_sq = [0.0] * len(contribs)
 
@@ -109,12 +89,20 @@ def merge(
             if len(tensors) != len(parts):  # check_delta ran on every blob: only a bug gets here
                 raise RuntimeError(f"contributions disagree on tensor order at {name!r}")
             if len(tensors) > 1:
-                mean = weighted_sum(tensors, [1.0 / len(tensors)] * len(tensors))
+                mean = torch.stack(tensors).mean(dim=0) if tensors[0].numel() < 1 << 22 else _mean(tensors)
                 for i, t in enumerate(tensors):
                     spread_sq[i] += float((t - mean).pow(2).sum())
                 del mean
-            yield name, combine(tensors, coefs)
+            yield name, combine(tensors, weights, scales, method=method)
 
     report.carried = diloco.outer_step_streaming(averaged(), published_local=published_local)
     report.replica_distance = sum(v**0.5 for v in spread_sq) / len(spread_sq) if len(contribs) > 1 else 0.0
     return report
+
+
+def _mean(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The unweighted mean without stacking (a stack of 0.5 GB tensors would be n x 0.5 GB more)."""
+    out = torch.zeros_like(tensors[0], dtype=torch.float32)
+    for t in tensors:
+        out.add_(t, alpha=1.0 / len(tensors))
+    return out
