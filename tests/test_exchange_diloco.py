@@ -438,3 +438,25 @@ def test_step_rounds_require_exactly_one_schedule() -> None:
         RoundsConfig(merge_every=3, round_seconds=10.0)
     with pytest.raises(ValueError, match="collect_seconds"):
         RoundsConfig(merge_every=3, collect_seconds=0)
+
+
+def test_a_model_whose_delta_can_never_fit_the_ceiling_fails_at_start_naming_the_setting() -> None:
+    clock = FakeClock()
+    bus = Bus()
+    with pytest.raises(ValueError, match=r"max-blob-bytes"):
+        make(bus, "peerA", clock, max_blob_bytes=40)  # the 16-value model's int8 Δ is larger
+
+
+def test_rounds_that_keep_missing_a_peer_are_reported_in_the_health_field() -> None:
+    clock = FakeClock()
+    bus = Bus()
+    a, b = make(bus, "peerA", clock), make(bus, "peerB", clock)
+    b.host.dead = True  # its manifests arrive, its blobs never do
+
+    async def body() -> None:
+        await asyncio.gather(train(a, 12), train(b, 12))
+        await asyncio.gather(a.ex.drain(), b.ex.drain())
+
+    run(running([a, b], body()), clock)
+    assert a.ex.incomplete_rounds >= 3
+    assert a.ex.statistics()["diloco_health"].startswith("merges incomplete")

@@ -170,6 +170,7 @@ class DemoExchange(BaseExchange):
         self.last_messages = 0  # messages and bytes of the last step sent
         self.last_bytes = 0
         self.last_send_error = ""
+        self.failures_in_row = 0
         self._inbox: dict[str, tuple[int, Any]] = {}
         self._cond = threading.Condition()
         self._out: asyncio.Queue[tuple[int, Any]] | None = None
@@ -223,8 +224,10 @@ class DemoExchange(BaseExchange):
                     self.traffic.bytes_sent += len(data)
                 self.last_messages = len(messages)
                 self.last_bytes = sum(len(m) for m in messages)
+                self.failures_in_row = 0
             except Exception as exc:  # e.g. over the gossip limit: counted and shown in every metrics row
                 self.send_failures += 1
+                self.failures_in_row += 1
                 self.last_send_error = str(exc)[:200]
                 log.warning("DeMo components for step %d not sent: %s", step, exc)
 
@@ -265,7 +268,11 @@ class DemoExchange(BaseExchange):
         self.step_no += 1
 
     def statistics(self) -> dict[str, Any]:
+        failing = self.failures_in_row >= 3
         return {
+            "demo_health": f"not sent {self.failures_in_row} steps in a row: {self.last_send_error}"
+            if failing
+            else "ok",
             "demo_peers_used": self.used,
             "demo_send_failures": self.send_failures,
             "demo_bytes_per_step": self.last_bytes,
