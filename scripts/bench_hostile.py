@@ -200,6 +200,36 @@ def _mean_reward(rows: list[dict[str, Any]]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
+def _anchors_equal(victims: list[Victim]) -> bool | None:
+    """Whether the victims held the same anchor after the newest round both have merged (None if
+    they have no round in common yet)."""
+    by_round: list[dict[int, str]] = []
+    for v in victims:
+        seen: dict[int, str] = {}
+        for r in v.rows():
+            if r.get("anchor_hash"):
+                seen[int(r.get("round", 0))] = r["anchor_hash"]  # the last row of each round
+        by_round.append(seen)
+    common = set(by_round[0]).intersection(*by_round[1:])
+    if not common:
+        return None
+    # the newest common round may still be merging on one of them: judge the one before it
+    rounds = sorted(common)
+    r = rounds[-2] if len(rounds) > 1 else rounds[-1]
+    return len({seen[r] for seen in by_round}) == 1
+
+
+def _equal_rounds(victims: list[Victim]) -> dict[str, int]:
+    """Over every round both victims merged: in how many their anchors were equal."""
+    by_round = []
+    for v in victims:
+        seen = {int(r.get("round", 0)): r["anchor_hash"] for r in v.rows() if r.get("anchor_hash")}
+        by_round.append(seen)
+    common = sorted(set(by_round[0]).intersection(*by_round[1:]))
+    equal = sum(1 for r in common if len({seen[r] for seen in by_round}) == 1)
+    return {"common_rounds": len(common), "equal": equal}
+
+
 async def _harm(victims: list[Victim], before: list[dict[str, Any]], settle_s: float) -> dict[str, Any]:
     """Wait ``settle_s`` (a round and its collection), then judge what the attack did."""
     await asyncio.sleep(settle_s)
@@ -207,11 +237,12 @@ async def _harm(victims: list[Victim], before: list[dict[str, Any]], settle_s: f
     after = _snapshot(victims)
     anchors = [a.get("anchor_hash", "") for a in after]
     harm["anchor_is_attackers"] = any(h == EVIL_ANCHOR for h in anchors)
-    harm["victims_anchors_equal"] = len(set(anchors)) == 1
-    jumps = []
-    for b, a in zip(before, after, strict=True):
-        jumps.append(int(a.get("round", 0)) - int(b.get("round", 0)) > 5 or int(a.get("step", 0)) > 10**6)
-    harm["round_or_step_jump"] = any(jumps)
+    harm["victims_anchors_equal"] = _anchors_equal(victims)
+    # honest rounds follow steps (step-based rounds; a catch-up adopts the cohort's step too)
+    harm["round_or_step_jump"] = any(
+        int(a.get("round", 0)) > int(a.get("step", 0)) // INNER_STEPS + 2 or int(a.get("step", 0)) > 10**6
+        for a in after
+    )
     collapse = []
     for v, b in zip(victims, before, strict=True):
         rows = v.rows()
@@ -476,7 +507,7 @@ async def run_attacks(args: argparse.Namespace, victims: list[Victim], out: Path
             before = _snapshot(victims)
             t0 = time.monotonic()
             try:
-                info = await coro
+                info = (await coro) or {}
             except Exception as exc:  # the attacker's own failure is reported, not fatal
                 info = {"error": repr(exc)[:300]}
             info["seconds"] = round(time.monotonic() - t0, 1)
@@ -526,6 +557,7 @@ def main() -> int:
         victims.append(Victim(1, out, boot, args.optimizer, args.duration))
         report["attacks"] = asyncio.run(run_attacks(args, victims, out))
         report["alive_at_end"] = [v.alive() for v in victims]
+        report["anchors_equal_rounds"] = _equal_rounds(victims)
         final = _snapshot(victims)
         report["final"] = [
             {k: f.get(k) for k in ("step", "round", "merges", "reward", "anchor_hash", "catchups", "heals")}
