@@ -30,6 +30,7 @@ __all__ = [
     "QUANT_BLOCK",
     "decode_delta",
     "delta_codec",
+    "delta_sq_norms",
     "encode_delta",
     "encoded_size",
     "iter_decode_delta",
@@ -151,6 +152,23 @@ def iter_decode_delta(data: bytes, max_bytes: int) -> Iterator[tuple[str, Tensor
         if not bool(torch.isfinite(t).all()):
             raise ProtocolError(f"pseudo-gradient blob: tensor {name!r} is not finite")
         yield name, t
+
+
+def delta_sq_norms(data: bytes, max_bytes: int) -> list[tuple[str, tuple[int, ...], float]]:
+    """[(name, shape, ‖Δ‖²)] straight from the int8 codes and block scales, without decoding to fp32:
+    checks everything ``iter_decode_delta`` checks (a blob that passes decodes to finite tensors of
+    these shapes). The sums run block by block in float64 in a fixed order, so every node computes
+    the same norm for the same blob."""
+    entries, _ = _header(data, max_bytes)
+    view = memoryview(data)
+    out = []
+    for name, shape, offset, length in entries:
+        try:
+            sq = quant.int8_sq_norm(view[offset : offset + length], shape=shape, max_bytes=length)
+        except ProtocolError as exc:
+            raise ProtocolError(f"pseudo-gradient blob: tensor {name!r}: {exc}") from None
+        out.append((name, shape, sq))
+    return out
 
 
 def decode_delta(data: bytes, max_bytes: int) -> dict[str, Tensor]:

@@ -64,8 +64,10 @@ def quantize_int8(t: Tensor, *, block: int = 4096) -> bytes:
     return header + scale.numpy().astype("<f4").tobytes() + q.numpy().tobytes()
 
 
-def dequantize_int8(data: bytes, *, shape: tuple[int, ...] | torch.Size, max_bytes: int) -> Tensor:
-    """Inverse of `quantize_int8` into `shape`; ProtocolError for bytes that do not fit exactly."""
+def _int8_parts(
+    data: bytes, shape: tuple[int, ...] | torch.Size, max_bytes: int
+) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """(scales, int8 codes, block, numel) of a `quantize_int8` payload, every field checked."""
     if len(data) > max_bytes:
         raise ProtocolError(f"int8: {len(data)} bytes exceeds max_bytes {max_bytes}")
     if len(data) < _Q_HEADER.size:
@@ -85,7 +87,37 @@ def dequantize_int8(data: bytes, *, shape: tuple[int, ...] | torch.Size, max_byt
     # 127 * scale must stay finite, or dequantised values would be inf.
     if not (np.isfinite(scale) & (scale >= 0) & (scale <= _MAX_SCALE)).all():
         raise ProtocolError(f"int8: scales must be in [0, {_MAX_SCALE:.3g}]")
-    q = np.frombuffer(data, dtype=np.int8, offset=_Q_HEADER.size + 4 * n_blocks).astype(np.float32)
+    codes = np.frombuffer(data, dtype=np.int8, offset=_Q_HEADER.size + 4 * n_blocks)
+    return scale, codes, block, numel
+
+
+# Blocks summed per slice in int8_sq_norm: bounds its scratch memory whatever the tensor's size.
+_NORM_SLICE_BLOCKS = 1 << 12
+
+
+def int8_sq_norm(data: bytes, *, shape: tuple[int, ...] | torch.Size, max_bytes: int) -> float:
+    """‖dequantize_int8(data)‖² from the codes and scales (Σ_b scale_b² · Σ q²), never materialising
+    the fp32 tensor; the same checks as ``dequantize_int8``. Deterministic: exact integer sums per
+    block, float64 over blocks in order."""
+    scale, codes, block, numel = _int8_parts(data, shape, max_bytes)
+    total = 0.0
+    full = numel // block
+    step = _NORM_SLICE_BLOCKS
+    for lo in range(0, full, step):
+        hi = min(full, lo + step)
+        q = codes[lo * block : hi * block].reshape(hi - lo, block).astype(np.int32)
+        per_block = np.einsum("ij,ij->i", q, q).astype(np.float64)
+        total += float(np.dot(per_block, scale[lo:hi].astype(np.float64) ** 2))
+    if full * block < numel:
+        q = codes[full * block : numel].astype(np.int64)
+        total += float(int(np.dot(q, q))) * float(scale[-1]) ** 2
+    return total
+
+
+def dequantize_int8(data: bytes, *, shape: tuple[int, ...] | torch.Size, max_bytes: int) -> Tensor:
+    """Inverse of `quantize_int8` into `shape`; ProtocolError for bytes that do not fit exactly."""
+    scale, codes, block, numel = _int8_parts(data, shape, max_bytes)
+    q = codes.astype(np.float32)
     # Full blocks as a 2-D product, the short tail separately: never allocate past numel, whatever
     # block size the header names.
     full = numel // block * block

@@ -171,8 +171,13 @@ def combine(
         for v, w, s in kept:
             out.add_(v, alpha=w / total * s)
         return out
+    k = trim_count(len(kept), method, trim)
+    if k == 0:  # nothing to trim (fewer than 3 contributors): the weighted mean, without sorting
+        return combine(
+            [v for v, _, _ in kept], [w for _, w, _ in kept], [s for _, _, s in kept], method="mean"
+        )
     scaled = [(v if s == 1.0 else v * s, w) for v, w, s in kept]
-    return _trimmed(scaled, shape, trim_count(len(kept), method, trim))
+    return _trimmed(scaled, shape, k)
 
 
 def trimmed_combine(tensors: Sequence[torch.Tensor], coefs: Sequence[float]) -> torch.Tensor:

@@ -206,3 +206,19 @@ def test_large_demo_components_travel_as_several_messages_each_decodable_alone()
         **kw,
     )
     assert 0 < int((partial["weight"] != 0).sum()) < int((whole["weight"] != 0).sum())
+
+
+def test_delta_norms_from_the_codes_match_the_decoded_tensors_and_reject_what_decode_rejects() -> None:
+    from swarmnode.compression.pseudograd import delta_sq_norms
+
+    g = torch.Generator().manual_seed(3)
+    delta = {"a": torch.randn(70, 301, generator=g), "b": torch.randn(5, generator=g) * 7}
+    blob = encode_delta(delta)
+    decoded = decode_delta(blob, max_bytes=len(blob))
+    for name, shape, sq in delta_sq_norms(blob, len(blob)):
+        want = float(decoded[name].to(torch.float64).pow(2).sum())
+        assert shape == tuple(delta[name].shape)
+        assert abs(sq - want) <= 1e-6 * want
+    for bad in _corruptions():
+        with pytest.raises(ProtocolError):
+            delta_sq_norms(bad, max_bytes=1 << 20)

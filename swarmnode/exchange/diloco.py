@@ -121,6 +121,7 @@ class DiLoCoExchange(BaseExchange):
         self.incomplete_rounds = 0  # merged with fewer contributors than cohort peers expected
         self.failed_rounds_in_row = 0
         self.last_round_problem = ""
+        self._pull_problems: list[str] = []
         self.catchup_failures = 0
         self.catchup_failures_in_row = 0
         self.last_catchup_error = ""
@@ -292,6 +293,7 @@ class DiLoCoExchange(BaseExchange):
         data = codec.encode(manifest)
         await self.host.publish(self.topic, data)
         self.traffic.bytes_sent += len(data)
+        self._pull_problems = []
         task = self._tg.create_task(self._collect(rnd, deadline))
         self._pending = _Pending(rnd, task, published, Contribution(blob, weight, norm), content_hash)
 
@@ -317,7 +319,7 @@ class DiLoCoExchange(BaseExchange):
             norm = await asyncio.to_thread(check_delta, data, limit, self.shapes)
         except Exception as exc:  # any failure leaves this peer out of the round
             self.traffic.dropped += 1
-            self.last_round_problem = f"pull from {m.author[:16]} failed: {exc}"[:300]
+            self._pull_problems.append(f"pull from {m.author[:16]} failed: {exc}"[:200])
             log.info("pseudo-gradient fetch from %s failed: %s", m.author, exc)
             return None
         return Contribution(data, float(m.weight), norm)
@@ -339,9 +341,13 @@ class DiLoCoExchange(BaseExchange):
             self.incomplete_rounds += 1
             self.failed_rounds_in_row += 1
             missing = sorted(expected - set(contributions))
+            why = "; ".join(self._pull_problems[:2]) or (
+                f"not published or not pulled within the {self.config.collect_seconds:g} s collection "
+                "window (--collect-seconds, or --link-mbps to size it)"
+            )
             self.last_round_problem = (
                 f"round {pending.round}: {len(contributions)}/{len(expected)} contributors, missing "
-                f"{', '.join(m[:12] for m in missing[:3])}; {self.last_round_problem}"
+                f"{', '.join(m[:12] for m in missing[:3])}: {why}"
             )[:400]
             log.warning("%s", self.last_round_problem)
         elif pending.own is not None:

@@ -25,11 +25,10 @@ from typing import Any
 import torch
 
 from swarmnode.aggregate import bound_weights, clip_scales, combine
-from swarmnode.compression.pseudograd import iter_decode_delta
+from swarmnode.compression.pseudograd import delta_sq_norms, iter_decode_delta
 from swarmnode.protocol.errors import ProtocolError
 
 __all__ = ["Contribution", "MergeReport", "check_delta", "merge"]
-
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,18 +49,20 @@ class MergeReport:
 
 def check_delta(blob: bytes, max_bytes: int, shapes: Mapping[str, tuple[int, ...]]) -> float:
     """The blob's global L2 norm, after checking that it decodes to finite tensors of exactly our
-    model's names and shapes; ``ProtocolError`` otherwise. Decodes one tensor at a time."""
+    model's names and shapes; ``ProtocolError`` otherwise. Reads the int8 codes and scales only (no
+    fp32 decode): at 0.5 B parameters this is a fraction of a second, not a full decode."""
+    got = delta_sq_norms(blob, max_bytes)
     want = sorted(shapes)
-    seen = 0
-    sq = 0.0
-    for name, t in iter_decode_delta(blob, max_bytes):
-        if seen >= len(want) or name != want[seen] or tuple(t.shape) != tuple(shapes[name]):
-            raise ProtocolError(f"pseudo-gradient: {name!r}{list(t.shape)} does not match our model")
-        seen += 1
-        sq += float(t.to(torch.float64).pow(2).sum())
-    if seen != len(want):
-        raise ProtocolError(f"pseudo-gradient: {len(want) - seen} of our model's tensors are missing")
-    return math.sqrt(sq)
+    if [n for n, _, _ in got] != want:
+        extra = sorted({n for n, _, _ in got} - set(want))[:3]
+        missing = sorted(set(want) - {n for n, _, _ in got})[:3]
+        raise ProtocolError(
+            f"pseudo-gradient: tensors do not match our model (extra {extra}, missing {missing})"
+        )
+    for name, shape, _ in got:
+        if tuple(shape) != tuple(shapes[name]):
+            raise ProtocolError(f"pseudo-gradient: {name!r}{list(shape)} does not match our model")
+    return math.sqrt(sum(sq for _, _, sq in got))
 
 
 def merge(
