@@ -76,6 +76,13 @@ def main() -> int:
     ap.add_argument("--cohorts", default=DEFAULT_COHORTS, help="local-swarm --mix of the swarm's nodes")
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--round-seconds", type=float, default=4.0, help="wall-clock DiLoCo round length")
+    ap.add_argument(
+        "--merge-every",
+        type=int,
+        default=25,
+        help="DiLoCo rounds of H steps instead (0: wall-clock rounds); the default keeps H equal in both "
+        "merging arms, where the share arm's longer steps would otherwise shorten its rounds",
+    )
     ap.add_argument("--collect-seconds", type=float, default=2.0)
     ap.add_argument("--lr", type=float, default=3e-4, help="AdamW, every node and arm")
     ap.add_argument("--local-groups", type=int, default=8)
@@ -98,12 +105,14 @@ def main() -> int:
     alone = ["--external-groups", "0", "--no-share-rollouts"]
 
     def plan(name: str, round_seconds: float, extra: list[str]) -> SwarmPlan:
+        merges = round_seconds > 0
         return SwarmPlan(
             steps=args.steps,
             out=args.out / name,
             mix=[parse_mix(f"{e.model}:{e.count}")[0] for e in mix],
             swarm=f"bench-hetero-{name}",
-            round_seconds=round_seconds,
+            round_seconds=0.0 if args.merge_every else round_seconds,
+            merge_every=args.merge_every if merges else 0,
             node_args=[*common, *extra],
         )
 
@@ -123,7 +132,7 @@ def main() -> int:
         "family": args.family,
         "steps": args.steps,
         "cohorts": args.cohorts,
-        "round_seconds": args.round_seconds,
+        "round": f"{args.merge_every} steps" if args.merge_every else f"{args.round_seconds} s",
         "groups": f"{args.local_groups} local, +{args.external_groups} borrowed in the share arm",
         "lr": args.lr,
     }

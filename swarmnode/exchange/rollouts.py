@@ -20,7 +20,7 @@ already reaches us through the DiLoCo merge, so borrowing it teaches the same th
 them the problems this node fails on: a peer's solution where our own samples of problems like it
 (same family, same answer length) score low is the experience worth borrowing (SAPO's "aha
 moments"). Another cohort's group is taken only where its sender did better than we do on such
-problems: a weaker model's answers to problems we already solve are no lesson for us.
+problems, by a margin: a weaker model's answers to problems we already solve are no lesson for us.
 """
 
 from __future__ import annotations
@@ -155,12 +155,13 @@ class RolloutsConfig:
     # A same-cohort group's score is scaled by this: its experience already reaches us through the
     # merge, so another cohort's group of equal value goes first (0: never borrow from our cohort).
     same_cohort_weight: float = 0.5
-    # Another cohort's group is borrowed only where its sender did better than we do on problems like
-    # it (its mean reward over our success rate, by more than this). Measured (bench_hetero): a
+    # Another cohort's group is borrowed only where its sender did clearly better than we do on
+    # problems like it (its mean reward over our success rate, by more than this), and only once we
+    # have tried such problems ourselves. Measured (bench_hetero): a
     # strong cohort that trained on a weak cohort's groups of problems it already solved collapsed
     # (cumulative reward 249 -> 44): pushing down another model's wrong answers, text this model
     # would rarely write, moves it more than learning from its own.
-    cross_cohort_min_gain: float = 0.0
+    cross_cohort_min_gain: float = 0.25
     seen_groups: int = 16384  # digests remembered for de-duplication (16 B each)
     # A batch created longer ago than this (sender's clock) is refused: a replay of it could
     # otherwise return once its digests left the bounded seen set. Generous for clock skew.
@@ -250,7 +251,10 @@ class SharingPolicy:
         rewards = _rewards(group)
         best = max(rewards) if rewards else 0.0
         if other:
-            gain = sum(rewards) / max(1, len(rewards)) - (1.0 - self.need(group))
+            mine = self._success.get(_bucket(group))
+            if mine is None:  # no evidence yet of how we do on such problems: not worth the risk
+                return 0.0
+            gain = sum(rewards) / max(1, len(rewards)) - mine
             if gain <= self.config.cross_cohort_min_gain:
                 return 0.0
             return best * (self.need(group) + 0.05)
