@@ -263,7 +263,9 @@ def tiny_variant(name: str) -> dict[str, int] | None:
         spec["num_layers"] = int(layers)
     if warmup is not None:
         spec["warmup_steps"] = int(warmup)
-    TinyModelSpec(**{k: v for k, v in spec.items() if k != "warmup_steps"})  # ValueError if invalid
+    TinyModelSpec(
+        hidden_size=spec["hidden_size"], num_layers=spec.get("num_layers", 2)
+    )  # ValueError if invalid
     return spec
 
 
