@@ -96,6 +96,43 @@ class ChunkedDCT:
         return m[:rows, : math.prod(self.shape) // rows].reshape(self.shape).contiguous()
 
 
+def row_bands(t: ChunkedDCT, max_numel: int) -> list[tuple[int, int]]:
+    """Ranges of tile rows [b0, b1) covering the tensor, each at most ~``max_numel`` values: a large
+    tensor (a 136 M-value embedding) is transformed band by band so its fp32 temporaries stay
+    bounded. Chunks are numbered row-major by tile, so band [b0, b1) is chunks [b0·nc, b1·nc)."""
+    nr, nc = t._rows // t._tr, t._cols // t._tc
+    per_row = nc * t.chunk_numel
+    step = max(1, max_numel // per_row)
+    return [(b, min(nr, b + step)) for b in range(0, nr, step)]
+
+
+def forward_band(t: ChunkedDCT, m: Tensor, nb: int) -> Tensor:
+    """Coefficients of ``nb`` tile rows from their values ``m`` (the band's rows of the tensor viewed
+    as 2-D, unpadded): the same numbers ``t.forward`` gives for those chunks."""
+    m = m.to(torch.float32)
+    pad_r, pad_c = nb * t._tr - m.shape[0], t._cols - m.shape[1]
+    if pad_r or pad_c:
+        m = torch.nn.functional.pad(m, (0, pad_c, 0, pad_r))
+    nc = t._cols // t._tc
+    tiles = m.reshape(nb, t._tr, nc, t._tc).permute(0, 2, 1, 3)
+    if t.use_dct:
+        dr, dc = _dct_matrix(t._tr).to(m.device), _dct_matrix(t._tc).to(m.device)
+        tiles = dr @ tiles @ dc.T
+    return tiles.reshape(nb * nc, t.chunk_numel).contiguous()
+
+
+def inverse_band(t: ChunkedDCT, coeffs: Tensor, nb: int, rows: int) -> Tensor:
+    """The inverse of ``forward_band``: the band's first ``rows`` rows, unpadded, fp32."""
+    nc = t._cols // t._tc
+    tiles = coeffs.to(torch.float32).reshape(nb, nc, t._tr, t._tc)
+    if t.use_dct:
+        dr, dc = _dct_matrix(t._tr).to(coeffs.device), _dct_matrix(t._tc).to(coeffs.device)
+        tiles = dr.T @ tiles @ dc
+    m = tiles.permute(0, 2, 1, 3).reshape(nb * t._tr, t._cols)
+    full_rows = t.shape[0] if len(t.shape) >= 2 else 1
+    return m[:rows, : math.prod(t.shape) // full_rows]
+
+
 def topk_chunks(coeffs: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Top-k by magnitude per chunk: (int64 indices sorted ascending per chunk, values), both [n_chunks, k]."""
     if coeffs.dim() != 2:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -208,3 +210,31 @@ def _alone(opt: DeMo, own: dict) -> torch.Tensor:
     twin = DeMo([("w", q)], lr=opt.param_groups[0]["lr"], k=opt.k)
     twin._own = own
     return _moves(q, twin, [])
+
+
+def test_large_tensors_are_transformed_band_by_band_with_the_same_result(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import swarmnode.optim.demo as demo_mod
+
+    def run(band: int) -> tuple[Any, Any]:
+        monkeypatch.setattr(demo_mod, "BAND_NUMEL", band)
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(96, 200), torch.nn.Linear(200, 7))  # 200 rows: padded
+        opt = demo_mod.DeMo(model.named_parameters(), lr=1e-2, k=4, chunk=64)
+        out = []
+        for _ in range(3):
+            model(torch.randn(5, 96)).pow(2).sum().backward()
+            out.append(opt.compute_components())
+            opt.apply_components([])
+            opt.zero_grad()
+        return out, [p.detach().clone() for p in model.parameters()]
+
+    whole, w_whole = run(1 << 30)
+    banded, w_banded = run(64 * 64)  # one tile row per band
+    for a, b in zip(whole, banded, strict=True):
+        for name in a:
+            assert torch.equal(a[name][0], b[name][0])
+            assert torch.allclose(a[name][1], b[name][1], rtol=1e-5, atol=1e-7)
+    for x, y in zip(w_whole, w_banded, strict=True):
+        assert torch.allclose(x, y, rtol=1e-5, atol=1e-7)
