@@ -77,6 +77,14 @@ async def echo(_peer: str, data: bytes) -> bytes:
 async def node_main(args: argparse.Namespace) -> int:
     from swarmnode.p2p import HostConfig, open_host
 
+    if args.log:
+        import logging
+
+        logging.basicConfig(
+            level=logging.WARNING, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s"
+        )
+        for name in args.log:
+            logging.getLogger(name).setLevel(logging.DEBUG)
     config = HostConfig(
         data_dir=Path(args.data_dir),
         listen_host=args.listen_host,
@@ -123,4 +131,5 @@ if __name__ == "__main__":
     parser.add_argument("--bootstrap", action="append", default=[])
     parser.add_argument("--target-peers", type=int, default=8)
     parser.add_argument("--subscribe", action="append", default=[])
+    parser.add_argument("--log", action="append", default=[], help="a logger to show at DEBUG (on stderr)")
     sys.exit(asyncio.run(node_main(parser.parse_args())))

@@ -23,6 +23,14 @@ class HostConfig:
     enable_mdns: bool = False
     max_message_bytes: int = 512 * 1024
     max_blob_bytes: int = 1 << 30
+    # Circuit relay v2: a node that finds itself publicly reachable relays for NATed peers within these
+    # bounds; a node behind NAT keeps `relay_reservations` slots on relaying peers.
+    relay_service: bool = True
+    relay_max_reservations: int = 32
+    relay_max_circuits: int = 16
+    relay_max_circuit_bytes: int = 1 << 30
+    relay_max_circuit_s: int = 3600
+    relay_reservations: int = 2
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
@@ -38,6 +46,16 @@ class HostConfig:
                 f"HostConfig.max_message_bytes must be in [1, {LIBRARY_FRAME_LIMIT - 4096}], "
                 f"got {self.max_message_bytes}"
             )
+        for name in (
+            "relay_max_reservations",
+            "relay_max_circuits",
+            "relay_max_circuit_bytes",
+            "relay_max_circuit_s",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"HostConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.relay_reservations < 0:
+            raise ValueError(f"HostConfig.relay_reservations must be >= 0, got {self.relay_reservations}")
         if self.max_blob_bytes < 1:
             raise ValueError(f"HostConfig.max_blob_bytes must be >= 1, got {self.max_blob_bytes}")
         for addr in self.bootstrap:

@@ -19,6 +19,7 @@ from libp2p import new_host
 from libp2p.custom_types import TProtocol
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.peer.id import ID
+from libp2p.relay.circuit_v2.resources import RelayLimits
 from libp2p.tools.anyio_service import background_trio_service
 
 from swarmnode.p2p.bridge import BridgeClosed, TrioBridge, open_trio_bridge
@@ -34,7 +35,8 @@ from swarmnode.p2p.gossip import (
     wait_queues_low,
 )
 from swarmnode.p2p.identity import load_or_create_identity
-from swarmnode.p2p.reachability import UNKNOWN, Reachability
+from swarmnode.p2p.reachability import BEHIND_NAT, UNKNOWN, Reachability
+from swarmnode.p2p.relay import Relay
 from swarmnode.p2p.streams import (
     BLOB_PROTOCOL,
     BlobStats,
@@ -82,6 +84,7 @@ class Host:
         self._validators: dict[str, list[Validator]] = {}
         self._dialer: Dialer | None = None
         self._reachability: Reachability | None = None
+        self._relay: Relay | None = None
         self._requests = {"served": 0, "failed": 0, "sent": 0, "send_failed": 0}
 
     # -- gossip ----------------------------------------------------------------------------------------------
@@ -320,8 +323,19 @@ class Host:
     async def _open_stream(self, peer_id: str, protocol_id: str) -> Any:
         state = self._t()
         pid = ID.from_base58(peer_id)
+        forget_failure(state.host, pid)
+        if self._relay is not None and not _has_live_connection(state.host, pid):
+            # Behind NAT (ours or theirs) a direct dial fails, often only after a long SYN timeout; the relay
+            # races it and a relayed connection carries the stream instead. Callers see a stream either way.
+            await self._relay.connect(pid, lambda: self._dial_direct(pid))
+        elif not _has_live_connection(state.host, pid):
+            await self._find_addrs(pid)
+        return await state.host.new_stream(pid, [TProtocol(protocol_id)])
+
+    async def _find_addrs(self, pid: ID) -> None:
         # A manifest can reach us through gossip relays from a peer we never dialled: without known
-        # addresses new_stream fails at once, so ask the DHT where it is first.
+        # addresses a dial fails at once, so ask the DHT where it is first.
+        state = self._t()
         try:
             known = bool(state.host.get_peerstore().addrs(pid))
         except Exception:  # PeerStoreError: never heard of this peer
@@ -331,8 +345,10 @@ class Host:
                 info = await state.dht.find_peer(pid)
                 if info is not None and info.addrs:
                     state.host.get_peerstore().add_addrs(pid, info.addrs, 3600)
-        forget_failure(state.host, pid)
-        return await state.host.new_stream(pid, [TProtocol(protocol_id)])
+
+    async def _dial_direct(self, pid: ID) -> None:
+        await self._find_addrs(pid)
+        await self._t().host.get_network().dial_peer(pid)
 
     # -- peers and counters ----------------------------------------------------------------------------------
     def connected_peers(self) -> list[str]:
@@ -366,9 +382,16 @@ class Host:
             "requests": dict(self._requests),
             "dial": self._dialer.statistics() if self._dialer else {},
             # "public <multiaddr>" once a peer dialled us back, "behind NAT" when peers could not, or "unknown"
-            "reachability": self._reachability.status() if self._reachability else UNKNOWN,
+            "reachability": self._reachability_text(),
             "reachability_probes": dict(self._reachability.stats) if self._reachability else {},
+            "relay": self._relay.statistics() if self._relay else {},
         }
+
+    def _reachability_text(self) -> str:
+        status = self._reachability.status() if self._reachability else UNKNOWN
+        if status == BEHIND_NAT and self._relay is not None and self._relay.reserved:
+            return f"{BEHIND_NAT}, reachable through relay {', '.join(self._relay.relays())}"
+        return status
 
     # -- lifecycle (trio side) -------------------------------------------------------------------------------
     @asynccontextmanager
@@ -379,8 +402,26 @@ class Host:
         pubsub, router, equivocation = build_gossipsub(host, self._gossip, self.config.data_dir)
         host.set_stream_handler(TProtocol(BLOB_PROTOCOL), self._blobs.serve)
         reachability = Reachability(host)
+        cfg = self.config
+        relay = Relay(
+            host,
+            serve=cfg.relay_service,
+            limits=RelayLimits(
+                duration=cfg.relay_max_circuit_s,
+                data=cfg.relay_max_circuit_bytes,
+                max_circuit_conns=cfg.relay_max_circuits,
+                max_reservations=cfg.relay_max_reservations,
+            ),
+            reservations=cfg.relay_reservations,
+            is_public=lambda: reachability.status().startswith("public"),
+            is_behind_nat=lambda: reachability.status() == BEHIND_NAT,
+        )
         # The pubsub services must run before host.run(): an incoming pubsub stream crashes a node otherwise.
-        async with background_trio_service(pubsub), background_trio_service(router):
+        async with (
+            background_trio_service(pubsub),
+            background_trio_service(router),
+            background_trio_service(relay.protocol),
+        ):
             await pubsub.wait_until_ready()
             async with host.run(listen_addrs=[listen]):
                 dht = KadDHT(host, DHTMode.SERVER) if self.config.enable_dht else None
@@ -394,6 +435,8 @@ class Host:
                     nursery.start_soon(self._dialer.run)
                     self._reachability = reachability
                     nursery.start_soon(reachability.run)
+                    self._relay = relay
+                    nursery.start_soon(relay.run)
                     yield
 
     def _b(self) -> TrioBridge:
@@ -410,6 +453,13 @@ def _log_reader_end(topic: str, future: concurrent.futures.Future[Any]) -> None:
     exc = None if future.cancelled() else future.exception()
     if exc is not None and not isinstance(exc, BridgeClosed):
         log.error("subscription to %s stopped: %r; no more messages will arrive on it", topic, exc)
+
+
+def _has_live_connection(host: Any, pid: ID) -> bool:
+    try:
+        return any(not conn.is_closed for conn in host.get_network().get_connections(pid))
+    except Exception:  # a connection torn down while we looked
+        return False
 
 
 def _full_addr(addr: multiaddr.Multiaddr, peer_id: str) -> str:

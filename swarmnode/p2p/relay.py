@@ -1,0 +1,276 @@
+"""Circuit relay v2 for nodes behind NAT: a bounded relay service on reachable nodes, reservations on NATed ones.
+
+Measured in the namespace bed (tests/netns.py) with py-libp2p 0.8.1: a NATed node that reserves a slot on
+a public node is reachable through `/p2p/<relay>/p2p-circuit/p2p/<it>`; the first request from a node
+behind another router took 2.2 s (the direct dial gets a 2 s head start), and a 2 MiB blob pull rides the
+same relayed connection. The library does not dial circuit addresses by itself (the swarm skips them), so
+`connect` races a direct dial against an explicit circuit dial; after that every stream to the peer (blob
+pulls, requests) rides whichever connection came up. The transport hides it: exchanges see a peer that
+answers (Host._open_stream is the only caller).
+
+A direct dial to a NATed peer's private address does not fail fast: the SYN goes nowhere and the kernel
+retries for ~2 minutes. So the path that reached a peer last starts first, the other SECOND_PATH_AFTER_S
+later (or as soon as the first fails), and the direct dial is bounded by DIRECT_DIAL_S.
+
+Every node runs the STOP side (accepts relayed connections). The HOP side (relaying for others) answers
+only while this node's reachability probe says it is public and `HostConfig.relay_service` is on, within
+the configured limits (reservations, circuits per peer, bytes and seconds per circuit). A node that learns
+it is behind NAT keeps `relay_reservations` reservations on connected peers that relay, replacing any it
+loses (relay gone, restarted, or expired) within CHECK_S.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import multiaddr
+import trio
+from libp2p.peer.id import ID
+from libp2p.relay.circuit_v2.config import RelayConfig, RelayRole
+from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_PROTOCOL
+from libp2p.relay.circuit_v2.protocol import STOP_PROTOCOL_ID, CircuitV2Protocol
+from libp2p.relay.circuit_v2.protocol_buffer import StatusCode
+from libp2p.relay.circuit_v2.resources import RelayLimits
+from libp2p.relay.circuit_v2.transport import CircuitV2Transport
+
+log = logging.getLogger(__name__)
+
+
+class _QuietReservationEnd(logging.Filter):
+    """The library's HOP handler reads on after a RESERVE and logs the client's ordinary close as an error."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return not (text.startswith("Error reading from hop stream") and text.endswith(": "))
+
+
+logging.getLogger("libp2p.relay.circuit_v2.protocol").addFilter(_QuietReservationEnd())
+
+# How often reservations are checked; a lost relay is replaced within this (plus a reservation round trip).
+CHECK_S = 2.0
+# Reserve again well before the relay's TTL (3600 s by default) runs out.
+REFRESH_S = 600.0
+# A peer that refused a reservation (not a relay, full, not public) is not asked again for this long.
+REFUSED_COOLDOWN_S = 60.0
+# A circuit attempt through a relay the destination has no reservation on fails in ~0.5 s (NO_RESERVATION).
+CIRCUIT_TIMEOUT_S = 10.0
+MAX_RELAYS_TRIED = 4
+# The path that worked last for a peer starts at once, the other after this (or as soon as the first fails).
+SECOND_PATH_AFTER_S = 2.0
+# A direct dial to a NATed peer's private address can hang until the kernel's SYN timeout (~2 min).
+DIRECT_DIAL_S = 10.0
+# A peer reached only through a relay is dialled through one first for this long.
+RELAYED_FIRST_S = 600.0
+MAX_REMEMBERED = 4096
+
+
+class Relay:
+    """Both halves of circuit relay v2 for one host; runs in the trio thread."""
+
+    def __init__(
+        self,
+        host: Any,
+        *,
+        serve: bool,
+        limits: RelayLimits,
+        reservations: int,
+        is_public: Callable[[], bool],
+        is_behind_nat: Callable[[], bool],
+    ) -> None:
+        self.host = host
+        self._serve = serve
+        self._is_public = is_public
+        self._is_behind_nat = is_behind_nat
+        self._wanted = reservations
+        self.protocol = CircuitV2Protocol(host, limits=limits, allow_hop=False)
+        config = RelayConfig(roles=RelayRole.STOP | RelayRole.CLIENT, limits=limits)
+        self.transport = CircuitV2Transport(host, self.protocol, config)
+        self.reserved: dict[ID, float] = {}  # relay -> when reserved
+        self._refused: dict[ID, float] = {}
+        self._relayed_first: dict[ID, float] = {}  # peer -> when only a relay reached it
+        self.stats = {
+            "reservations_made": 0,
+            "reservations_failed": 0,
+            "circuits_dialed": 0,
+            "circuit_failures": 0,
+            "direct_connects": 0,
+            "connect_failures": 0,
+            "bytes_relayed": 0,
+        }
+        self._count_relayed_bytes()
+        # Handlers are set before the host runs: a peer may try either protocol as soon as it connects.
+        host.set_stream_handler(HOP_PROTOCOL, self._handle_hop)
+        host.set_stream_handler(STOP_PROTOCOL_ID, self.protocol._handle_stop_stream)
+
+    def _count_relayed_bytes(self) -> None:
+        # The library counts a circuit's bytes only inside its copy loop; every chunk it forwards passes here.
+        original = self.protocol._read_stream_with_retry
+
+        async def counted(stream: Any, *args: Any, **kwargs: Any) -> bytes | None:
+            data = await original(stream, *args, **kwargs)
+            if data:
+                self.stats["bytes_relayed"] += len(data)
+            return data
+
+        self.protocol._read_stream_with_retry = counted  # type: ignore[method-assign]
+
+    async def _handle_hop(self, stream: Any) -> None:
+        # The library's HOP handler never checks allow_hop: refuse here unless this node relays now (only
+        # while it knows it is public).
+        if not (self._serve and self._is_public()):
+            try:
+                await self.protocol._send_status(
+                    stream, StatusCode.PERMISSION_DENIED, "this node does not relay"
+                )
+            finally:
+                with trio.move_on_after(1.0):
+                    await stream.close()
+            return
+        await self.protocol._handle_hop_stream(stream)
+
+    def relays(self) -> list[str]:
+        return [r.to_base58() for r in self.reserved]
+
+    def statistics(self) -> dict[str, Any]:
+        return {
+            **self.stats,
+            "serving": self._serve and self._is_public(),
+            "reservations": len(self.reserved),
+            "relays": self.relays(),
+        }
+
+    # -- reservations (NATed side) -------------------------------------------------------------------------
+    async def run(self) -> None:
+        while True:
+            try:
+                await self._keep_reservations()
+            except Exception:  # the loop must outlive any one relay's misbehaviour
+                log.exception("relay reservation round failed; retrying")
+            await trio.sleep(CHECK_S)
+
+    async def _keep_reservations(self) -> None:
+        connected = set(self.host.get_connected_peers())
+        for relay in [r for r in self.reserved if r not in connected]:
+            log.info("lost relay %s; looking for another", relay)
+            del self.reserved[relay]
+        if not self._is_behind_nat():
+            return
+        now = time.monotonic()
+        for relay, since in list(self.reserved.items()):
+            if now - since > REFRESH_S:
+                await self._reserve(relay)
+        for peer in sorted(connected, key=str):
+            if len(self.reserved) >= self._wanted:
+                break
+            if peer in self.reserved or now - self._refused.get(peer, -1e9) < REFUSED_COOLDOWN_S:
+                continue
+            await self._reserve(peer)
+
+    async def _reserve(self, relay: ID) -> bool:
+        ok = False
+        try:
+            with trio.fail_after(CIRCUIT_TIMEOUT_S):
+                stream = await self.host.new_stream(relay, [HOP_PROTOCOL])
+                try:
+                    ok = await self.transport._make_reservation(stream, relay)
+                finally:
+                    with trio.move_on_after(1.0):
+                        await stream.close()
+        except Exception as exc:  # not a relay, or gone: try another
+            log.debug("reservation on %s failed: %r", relay, exc)
+        if ok:
+            if relay not in self.reserved:
+                log.info("reserved a relay slot on %s", relay)
+            self.reserved[relay] = time.monotonic()
+            self.stats["reservations_made"] += 1
+        else:
+            self.reserved.pop(relay, None)
+            self._refused[relay] = time.monotonic()
+            self.stats["reservations_failed"] += 1
+            while len(self._refused) > 1024:
+                self._refused.pop(next(iter(self._refused)))
+        return ok
+
+    # -- circuits (dialing side) ---------------------------------------------------------------------------
+    async def connect(self, peer: ID, direct: Callable[[], Awaitable[None]]) -> None:
+        """Open a connection to `peer`: a direct dial and a circuit through a relay, raced.
+
+        The path that reached the peer last time starts first, the other after SECOND_PATH_AFTER_S or as
+        soon as the first fails; the first connection up wins and the other attempt is cancelled. Raises
+        ConnectionError when neither path reaches the peer.
+        """
+        now = time.monotonic()
+        relayed_first = now - self._relayed_first.get(peer, -1e9) < RELAYED_FIRST_S
+        errors: list[str] = []
+        first_failed = trio.Event()
+
+        async def attempt_direct(nursery: trio.Nursery) -> None:
+            if relayed_first:
+                with trio.move_on_after(SECOND_PATH_AFTER_S):
+                    await first_failed.wait()
+            try:
+                with trio.fail_after(DIRECT_DIAL_S):
+                    await direct()
+            except Exception as exc:  # unreachable directly: the circuit may still work
+                errors.append(f"direct: {exc!r}"[:300])
+                first_failed.set()
+                return
+            self.stats["direct_connects"] += 1
+            self._relayed_first.pop(peer, None)
+            nursery.cancel_scope.cancel()
+
+        async def attempt_relayed(nursery: trio.Nursery) -> None:
+            if not relayed_first:
+                with trio.move_on_after(SECOND_PATH_AFTER_S):
+                    await first_failed.wait()
+            if await self.connect_via_relay(peer):
+                self._relayed_first[peer] = time.monotonic()
+                while len(self._relayed_first) > MAX_REMEMBERED:
+                    self._relayed_first.pop(next(iter(self._relayed_first)))
+                nursery.cancel_scope.cancel()
+                return
+            errors.append("relay: no connected relay holds a reservation for it")
+            first_failed.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(attempt_direct, nursery)
+            nursery.start_soon(attempt_relayed, nursery)
+        if not any(not c.is_closed for c in self.host.get_network().get_connections(peer)):
+            self.stats["connect_failures"] += 1
+            raise ConnectionError(f"cannot reach {peer}: " + "; ".join(errors))
+
+    async def connect_via_relay(self, peer: ID) -> bool:
+        """Open a relayed connection to `peer` through one of our connected relays; True when one is open."""
+        network = self.host.get_network()
+        peerstore = self.host.get_peerstore()
+        candidates = [r for r in self.reserved if r != peer]
+        for other in sorted(self.host.get_connected_peers(), key=str):
+            if other != peer and other not in candidates and _offers_hop(peerstore, other):
+                candidates.append(other)
+        for relay in candidates[:MAX_RELAYS_TRIED]:
+            addrs = [a for a in peerstore.addrs(relay) if "p2p-circuit" not in str(a)]
+            if not addrs:
+                continue
+            circuit = multiaddr.Multiaddr(f"{addrs[0]}/p2p/{relay}/p2p-circuit/p2p/{peer}")
+            try:
+                with trio.fail_after(CIRCUIT_TIMEOUT_S):
+                    await self.transport.dial(circuit)
+            except Exception as exc:  # this relay does not hold a reservation for the peer: try the next
+                self.stats["circuit_failures"] += 1
+                log.debug("circuit to %s via %s failed: %r", peer, relay, exc)
+                continue
+            if network.get_connections(peer):
+                self.stats["circuits_dialed"] += 1
+                log.info("connected to %s through relay %s", peer, relay)
+                return True
+        return False
+
+
+def _offers_hop(peerstore: Any, peer: ID) -> bool:
+    try:
+        return HOP_PROTOCOL in peerstore.get_protocols(peer)
+    except Exception:  # no identify record yet
+        return False
