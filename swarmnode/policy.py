@@ -42,6 +42,20 @@ class Policy:
     path: str
 
 
+def decodable_vocab(model: Any, tokenizer: Any) -> int | None:
+    """How many output ids the tokenizer can decode, when the model's output layer has more rows.
+
+    Padded vocabularies are common (Qwen2.5: 151,936 rows for 151,665 tokens). Rows past the
+    tokenizer decode to nothing, so a completion sampled there scores nothing and teaches nothing; a
+    randomly initialised model of real size puts almost all its mass there. The sampler and the trainer
+    mask those ids (one distribution for both). None when nothing needs masking.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    rows = int(head.weight.shape[0]) if head is not None and hasattr(head, "weight") else 0
+    n = len(tokenizer) if hasattr(tokenizer, "__len__") else 0
+    return n if 0 < n < rows else None
+
+
 def model_fingerprint(model_config: Any, tokenizer: Any) -> str:
     """sha256 hex over the architecture config and the tokenizer's vocabulary and special tokens."""
     cfg = model_config.to_dict() if hasattr(model_config, "to_dict") else dict(model_config)

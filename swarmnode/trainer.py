@@ -171,6 +171,9 @@ class Trainer:
         self.metrics = metrics or MetricsWriter(None)
         self.samples_seen = 0
         self._family: Any = None
+        from swarmnode.policy import decodable_vocab
+
+        self.vocab = decodable_vocab(self.model, self.tokenizer)  # mask output ids past the tokenizer
 
     # --- rollouts -------------------------------------------------------------------------------
 
@@ -252,6 +255,8 @@ class Trainer:
             attn[b, : len(s)] = 1
         ids, attn = ids.to(device), attn.to(device)
         logits = self.model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
+        if self.vocab is not None:
+            logits[..., self.vocab :] = float("-inf")  # as the sampler: ids the tokenizer cannot decode
         logp_all = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
         tc = max(len(r.completion_ids) for r in rows)
         out = torch.zeros((len(rows), tc), device=device)
@@ -299,7 +304,12 @@ class Trainer:
         m["adv_mean"] = sum(advs) / len(advs) if advs else 0.0
         m["adv_std"] = math.sqrt(sum((a - m["adv_mean"]) ** 2 for a in advs) / len(advs)) if advs else 0.0
         self.samples_seen += sum(len(g.samples) for g in groups)
-        if not rows:  # every group had zero variance: nothing to learn from, no optimizer step
+        if not rows:  # every group had zero variance: nothing to learn from
+            if getattr(self.optimizer, "step_without_signal", False):
+                # A gossiping optimizer still sends what its momentum holds and applies its peers' step.
+                self.optimizer.zero_grad(set_to_none=True)
+                self.optimizer.step()
+                self.engine.update_weights(self.model.named_parameters())
             m["tokens_per_s"] = 0.0
             m["step_s"] = time.perf_counter() - t0
             self.metrics.write({"step": now, **m})

@@ -127,3 +127,48 @@ def test_vllm_missing_extra_is_a_clear_error(policy):
         pytest.skip("vllm is installed here")
     with pytest.raises(ImportError, match=r"pip install 'swarmnode\[vllm\]'"):
         make_engine("vllm", policy)
+
+
+def test_a_padded_vocabulary_is_never_sampled_and_the_trainer_sees_the_same_distribution(tmp_path):
+    # Real models pad their output layer past the tokenizer (Qwen2.5: 151,936 rows for 151,665 tokens); a
+    # random model of real size puts nearly all its mass there. Both the sampler and the trainer mask it.
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from swarmnode.tinymodel import build_tokenizer
+    from swarmnode.trainer import GRPOConfig, Trainer, _Row
+
+    tok = build_tokenizer()
+    cfg = Qwen2Config(
+        vocab_size=len(tok) + 4000,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(cfg).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    policy = load_policy(tmp_path)
+    eng = make_engine("hf", policy)
+    out = eng.generate(PROMPTS, SamplingParams(n=4, max_new_tokens=6, temperature=1.0, seed=1))
+    ids = [t for g in out for s in g for t in s.token_ids]
+    assert ids
+    assert max(ids) < len(tok)
+    trainer = Trainer(policy, eng, torch.optim.SGD(policy.model.parameters(), lr=0.0), GRPOConfig())
+    s = out[1][0]
+    row = _Row(
+        prompt_ids=tok.encode(PROMPTS[1], add_special_tokens=True),
+        completion_ids=s.token_ids,
+        advantage=0.0,
+        sample_logp=None,
+        sender_logp=None,
+    )
+    with torch.no_grad():
+        logp, _mask = trainer._batch_logp([row])
+    assert torch.allclose(logp[0, : len(s.token_ids)], torch.tensor(s.logprobs), atol=1e-4)
+    eng.close()

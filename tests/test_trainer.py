@@ -216,3 +216,25 @@ def test_same_cohort_group_from_the_wire_trains_like_the_local_group(tiny_policy
     assert moved > 0
     assert diff < 1e-3 * moved
     engine.close()
+
+
+def test_a_gossiping_optimizer_steps_even_without_signal():
+    # DeMo's peers may have signal when we have none: their components apply, our momentum goes out.
+    tr = _trainer()
+    calls = []
+
+    class Gossiping:
+        step_without_signal = True
+
+        def zero_grad(self, set_to_none: bool = True) -> None:
+            calls.append("zero_grad")
+
+        def step(self) -> None:
+            assert all(p.grad is None for p in tr.model.parameters())
+            calls.append("step")
+
+    tr.optimizer = Gossiping()  # type: ignore[assignment]
+    m = tr.train_step([_group(["2", "2", "2", "2"], [1.0] * 4)], [], step=0)
+    assert m["skipped_groups"] == 1
+    assert calls == ["zero_grad", "step"]
+    assert tr.engine.updates == 1  # whatever the peers moved reaches the rollout engine

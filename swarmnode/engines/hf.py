@@ -6,8 +6,20 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from swarmnode.engines.base import Sample, SamplingParams
+
+
+class _MaskPastVocab(LogitsProcessor):
+    """Output ids at or past ``n`` (rows of a padded vocabulary the tokenizer cannot decode) get -inf."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        scores[:, self.n :] = float("-inf")
+        return scores
 
 
 class HFEngine:
@@ -33,6 +45,9 @@ class HFEngine:
         if self.tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has no eos token; completions could not end")
         self._closed = False
+        from swarmnode.policy import decodable_vocab
+
+        self.vocab = decodable_vocab(self.model, self.tokenizer)
 
     @property
     def device(self) -> torch.device:
@@ -64,6 +79,8 @@ class HFEngine:
             "pad_token_id": tok.pad_token_id,
             "eos_token_id": tok.eos_token_id,
         }
+        if self.vocab is not None:
+            kwargs["logits_processor"] = LogitsProcessorList([_MaskPastVocab(self.vocab)])
         if params.greedy:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         else:

@@ -135,7 +135,12 @@ def decode_demo(record: DemoComponents, spec: Spec) -> list[tuple[str, Piece]]:
 
 
 class GossipingDeMo:
-    """The DeMo optimizer with the exchange in the middle of ``step``; the trainer's optimizer."""
+    """The DeMo optimizer with the exchange in the middle of ``step``; the trainer's optimizer.
+
+    It steps even when this node's batch had no signal (``step_without_signal``): its peers' components
+    still apply, and its momentum still goes out."""
+
+    step_without_signal = True
 
     def __init__(self, demo: Any, exchange: DemoExchange) -> None:
         self.demo = demo
