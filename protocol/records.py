@@ -68,8 +68,9 @@ class Presence:
     samples: int = field(metadata=rules(**COUNT))
     anchor_hash: str = field(metadata=rules(pattern=OPT_HASH_RE))
     # "leaving": the node is shutting down; peers stop expecting its round contributions now instead
-    # of after the peer timeout.
-    status: Literal["active", "leaving"] = "active"
+    # of after the peer timeout. "observing": a joiner that loaded the cohort's state merges the round
+    # in flight without a contribution of its own; that round does not wait for it.
+    status: Literal["active", "leaving", "observing"] = "active"
     version: tuple[int, int] = _version()
 
     def _problems(self) -> Iterator[str]:

@@ -107,6 +107,7 @@ class Status:
     round: int = 0
     anchor_hash: str = ""
     samples: int = 0
+    observing: bool = False  # merging the round in flight without a contribution (just caught up)
 
 
 class Membership:
@@ -190,7 +191,8 @@ class Membership:
         proven = conn | {p for p, t in self._contributors.items() if now - t <= horizon}
         members = {p for p, t in self._members.items() if self._live(t, now) and p in proven}
         announced = {p for p in self._announced(conn) if p in proven}
-        return sorted(members | announced)
+        observing = {p for p, h in self.peers.items() if getattr(h.presence, "status", "") == "observing"}
+        return sorted((members | announced) - observing)
 
     def presences(self) -> dict[str, Any]:
         """Every presence held (plausible or not); ``plausible_presences`` is what to trust."""
@@ -289,6 +291,8 @@ class Membership:
 
     def record(self, status: str = "active") -> Presence:
         s = self.status()
+        if status == "active" and getattr(s, "observing", False):
+            status = "observing"
         return Presence(
             peer_id=self.me,
             addrs=list(self.addrs())[: limits.MAX_ADDRS],

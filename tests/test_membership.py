@@ -339,3 +339,25 @@ def test_every_table_stays_bounded_and_pruned_under_sybil_churn() -> None:
 def _sybil(i: int) -> str:
     """A valid (base58) peer id per number."""
     return "Sy" + str(i).replace("0", "z")
+
+
+def test_an_observing_joiner_is_live_but_not_waited_for() -> None:
+    # A joiner that loaded state merges the round in flight without a Δ: rounds must not wait for it.
+    clock = FakeClock()
+    bus = Bus()
+    observing = [True]
+    a, _ = make(bus, "peerA", clock)
+    b, _ = make(bus, "peerB", clock)
+    b.status = lambda: Status(step=3, round=1, anchor_hash="ab" * 32, observing=observing[0])
+
+    async def body() -> None:
+        await settle(1.5)
+        assert a.presence_of("peerB").status == "observing"
+        assert a.cohort_peers() == []
+        assert "peerB" in a.live_peers()
+        observing[0] = False
+        await b.publish()
+        await asyncio.sleep(0)
+        assert a.cohort_peers() == ["peerB"]
+
+    run(_run_for([a, b], body()), clock)
