@@ -117,7 +117,9 @@ class NetnsBed:
         self.public.append(endpoint)
         return endpoint
 
-    def add_router(self, name: str) -> Router:
+    def add_router(self, name: str, *, stealth: bool = True) -> Router:
+        """A home router. `stealth`: unsolicited packets to the router itself are dropped (most home routers);
+        otherwise its kernel answers a SYN to a closed port with a RST, as a bare Linux box does."""
         index = len(self.routers) + 1
         ns = self._namespace(name)
         wan_ip = f"{PUBLIC_NET}.{100 + index}"
@@ -139,6 +141,11 @@ table ip filter {{
     type filter hook forward priority 0; policy accept;
     iifname "wan" ct state established,related accept
     iifname "wan" drop
+  }}
+  chain wan_in {{
+    type filter hook input priority 0; policy accept;
+    iifname "wan" ct state established,related accept
+    {'iifname "wan" drop' if stealth else ""}
   }}
 }}
 """

@@ -3,8 +3,9 @@
 Run inside a namespace: `ip netns exec NS python tests/netns_node.py --data-dir D --listen-host IP ...`.
 Prints `{"event": "ready", ...}`, then answers one JSON command per stdin line. Extra commands:
 `dial` (a direct connection to one multiaddr, reporting success and seconds), `request` (an echo request
-to a peer over `host.request`), `drop` (close every connection to a peer). Their time limit is `deadline`
-(`timeout` is the driver's own wait for the reply).
+to a peer over `host.request`), `drop` (close every connection to a peer), `conns` (each peer's open
+connections by transport address). Their time limit is `deadline` (`timeout` is the driver's own wait for
+the reply).
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ class BedNode(Node):
             return {"seconds": time.perf_counter() - start, "size": len(answer), "echo": answer == payload}
         if op == "drop":
             return await self.drop(cmd["peer"])
+        if op == "conns":
+            return {"conns": await self.host._b().run(self.conns)}
         return await super().handle(cmd)
 
     async def dial(self, addr: str, timeout: float) -> dict[str, Any]:  # noqa: ASYNC109
@@ -59,6 +62,17 @@ class BedNode(Node):
             return {"connected": True, "seconds": time.perf_counter() - start}
 
         return await self.host._b().run(connect)
+
+    async def conns(self) -> dict[str, list[str]]:
+        """Each connected peer's open connections, by their transport addresses ("/p2p-circuit" = relayed)."""
+        network = self.host._t().host.get_network()
+        out: dict[str, list[str]] = {}
+        for pid, conns in list(network.connections.items()):
+            for conn in conns if isinstance(conns, list) else [conns]:
+                if not conn.is_closed:
+                    addrs = [str(a) for a in conn.get_transport_addresses()]
+                    out.setdefault(pid.to_base58(), []).append(" ".join(addrs) or "?")
+        return out
 
     async def drop(self, peer: str) -> dict[str, Any]:
         from libp2p.peer.id import ID
@@ -91,6 +105,7 @@ async def node_main(args: argparse.Namespace) -> int:
         port=args.port,
         bootstrap=list(args.bootstrap),
         target_peers=args.target_peers,
+        hole_punching=not args.no_hole_punching,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -131,5 +146,6 @@ if __name__ == "__main__":
     parser.add_argument("--bootstrap", action="append", default=[])
     parser.add_argument("--target-peers", type=int, default=8)
     parser.add_argument("--subscribe", action="append", default=[])
+    parser.add_argument("--no-hole-punching", action="store_true")
     parser.add_argument("--log", action="append", default=[], help="a logger to show at DEBUG (on stderr)")
     sys.exit(asyncio.run(node_main(parser.parse_args())))

@@ -1,11 +1,14 @@
 """Integration tier in network namespaces: NATed nodes behind home routers and a public bootstrap node.
 
-Topology (tests/netns.py): pub0 (public, bootstrap) | router r1: h1a, h1b | router r2: h2a.
+Topology of `swarm` (tests/netns.py): pub0 (public, bootstrap) | router r1: h1a, h1b | router r2: h2a, hole
+punching off (relayed paths stay relayed). `failover`: pub0, pub1 (both relay) | r1: h1a | r2: h2a, hole
+punching off. The hole-punching test builds its own bed: pub0 | r1: h1a | r2: h2a.
 """
 
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,11 +42,16 @@ def swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swarm]:
         r1, r2 = bed.add_router("r1"), bed.add_router("r2")
         hosts = {"pub0": pub, "h1a": bed.add_home(r1, "h1a"), "h1b": bed.add_home(r1, "h1b")}
         hosts["h2a"] = bed.add_home(r2, "h2a")
-        boot = bed.start_node(pub, root / "pub0", port=PORT, subscribe=[TOPIC])
+        boot = bed.start_node(pub, root / "pub0", port=PORT, subscribe=[TOPIC], no_hole_punching=True)
         nodes = {"pub0": boot}
         for name in ("h1a", "h1b", "h2a"):
             nodes[name] = bed.start_node(
-                hosts[name], root / name, port=PORT, bootstrap=[boot.addr], subscribe=[TOPIC]
+                hosts[name],
+                root / name,
+                port=PORT,
+                bootstrap=[boot.addr],
+                subscribe=[TOPIC],
+                no_hole_punching=True,
             )
         assert wait_until(lambda: len(boot.call("peers")["peers"]) == 3, 30, interval=0.3)
         yield Swarm(bed=bed, hosts=hosts, nodes=nodes)
@@ -106,7 +114,7 @@ def test_each_node_learns_whether_it_is_publicly_reachable(swarm: Swarm) -> None
 
 
 def test_natted_nodes_behind_different_routers_reach_each_other_through_the_relay(swarm: Swarm) -> None:
-    # Runs last: afterwards h1a and h2a hold a relayed connection.
+    # Runs last in `swarm`: afterwards h1a and h2a hold a relayed connection.
     a, b, boot = swarm.nodes["h1a"], swarm.nodes["h2a"], swarm.nodes["pub0"]
     relayed = f"behind NAT, reachable through relay {boot.peer_id}"
     assert wait_until(lambda: b.call("stats")["stats"]["reachability"] == relayed, 30, interval=0.5)
@@ -116,3 +124,106 @@ def test_natted_nodes_behind_different_routers_reach_each_other_through_the_rela
     got = a.call("fetch", hash=provided, providers=[b.peer_id], max_size=4 << 20, timeout=60)
     assert got["sha256"] == provided
     assert boot.call("stats")["stats"]["relay"]["bytes_relayed"] >= 2 << 20
+
+
+def _relay_of(node: NodeProcess, peer: str) -> str | None:
+    """The relay carrying `node`'s relayed connection to `peer`, or None."""
+    for addrs in node.call("conns")["conns"].get(peer, []):
+        if "/p2p-circuit" in addrs:
+            return addrs.split("/p2p-circuit")[0].rsplit("/p2p/", 1)[1]
+    return None
+
+
+def _request_ok(node: NodeProcess, peer: str, deadline: float) -> bool:
+    try:
+        return bool(
+            node.call("request", peer=peer, size=100, deadline=deadline, timeout=deadline + 10)["echo"]
+        )
+    except RuntimeError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def failover(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swarm]:
+    root = tmp_path_factory.mktemp("netns_failover")
+    bed = NetnsBed()
+    try:
+        hosts = {"pub0": bed.add_public("pub0"), "pub1": bed.add_public("pub1")}
+        r1, r2 = bed.add_router("r1"), bed.add_router("r2")
+        hosts["h1a"], hosts["h2a"] = bed.add_home(r1, "h1a"), bed.add_home(r2, "h2a")
+        nodes = {"pub0": bed.start_node(hosts["pub0"], root / "pub0", port=PORT, no_hole_punching=True)}
+        boot = [nodes["pub0"].addr]
+        nodes["pub1"] = bed.start_node(
+            hosts["pub1"], root / "pub1", port=PORT, bootstrap=boot, no_hole_punching=True
+        )
+        boot.append(nodes["pub1"].addr)
+        for name in ("h1a", "h2a"):
+            nodes[name] = bed.start_node(
+                hosts[name], root / name, port=PORT, bootstrap=boot, no_hole_punching=True
+            )
+        yield Swarm(bed=bed, hosts=hosts, nodes=nodes)
+    finally:
+        bed.close()
+
+
+def test_natted_nodes_keep_a_reservation_on_each_public_relay(failover: Swarm) -> None:
+    relays = {failover.nodes["pub0"].peer_id, failover.nodes["pub1"].peer_id}
+    for name in ("h1a", "h2a"):
+        node = failover.nodes[name]
+        assert wait_until(
+            lambda node=node: set(node.call("stats")["stats"]["relay"]["relays"]) == relays, 40, 0.5
+        )
+        text = node.call("stats")["stats"]["reachability"]
+        assert text.startswith("behind NAT, reachable through relay "), text
+        assert all(r in text for r in relays), text
+
+
+def test_natted_nodes_recover_when_their_relay_is_killed(failover: Swarm) -> None:
+    a, b = failover.nodes["h1a"], failover.nodes["h2a"]
+    assert _request_ok(a, b.peer_id, 20.0)
+    used = _relay_of(a, b.peer_id)
+    assert used is not None, a.call("conns")
+    victim = next(n for n in failover.nodes.values() if n.peer_id == used)
+    survivor = next(n for name, n in failover.nodes.items() if name.startswith("pub") and n is not victim)
+    victim.kill()
+    killed = time.monotonic()
+    # Bounded: at most ~30 s of 5 s attempts.
+    recovered = None
+    while time.monotonic() - killed < 30:
+        if _request_ok(a, b.peer_id, 5.0):
+            recovered = time.monotonic() - killed
+            break
+        time.sleep(0.2)
+    assert recovered is not None, f"no path to h2a within 30 s of killing relay {used}"
+    assert _relay_of(a, b.peer_id) == survivor.peer_id
+    relayed = f"behind NAT, reachable through relay {survivor.peer_id}"
+    assert wait_until(lambda: b.call("stats")["stats"]["reachability"] == relayed, 10, 0.5)
+    print(f"recovered {recovered:.2f} s after relay {used[:12]} was killed")
+
+
+def test_hole_punching_replaces_the_relayed_connection(tmp_path: Path) -> None:
+    # Home routers that drop unsolicited packets (tests/netns.py, stealth=True): an early SYN of the
+    # simultaneous open is lost, not refused, and the kernel's retransmission finds the mapping open.
+    with_bed = NetnsBed()
+    try:
+        pub = with_bed.add_public("pub0")
+        r1, r2 = with_bed.add_router("r1"), with_bed.add_router("r2")
+        h1a, h2a = with_bed.add_home(r1, "h1a"), with_bed.add_home(r2, "h2a")
+        boot = with_bed.start_node(pub, tmp_path / "pub0", port=PORT)
+        a = with_bed.start_node(h1a, tmp_path / "h1a", port=PORT, bootstrap=[boot.addr])
+        b = with_bed.start_node(h2a, tmp_path / "h2a", port=PORT, bootstrap=[boot.addr])
+        assert wait_until(
+            lambda: "reachable through relay" in b.call("stats")["stats"]["reachability"], 30, 0.5
+        )
+        assert _request_ok(a, b.peer_id, 20.0)
+
+        def direct() -> bool:
+            return any("/p2p-circuit" not in c for c in a.call("conns")["conns"].get(b.peer_id, []))
+
+        assert wait_until(direct, 40, 0.5), a.call("conns")
+        # The direct path outlives the relay.
+        boot.kill()
+        assert _request_ok(a, b.peer_id, 5.0)
+        assert wait_until(lambda: _relay_of(a, b.peer_id) is None, 10, 0.5)
+    finally:
+        with_bed.close()

@@ -31,6 +31,8 @@ class HostConfig:
     relay_max_circuit_bytes: int = 1 << 30
     relay_max_circuit_s: int = 3600
     relay_reservations: int = 2
+    # DCUtR: try to replace a relayed connection by a hole-punched direct one.
+    hole_punching: bool = True
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)

@@ -415,12 +415,14 @@ class Host:
             reservations=cfg.relay_reservations,
             is_public=lambda: reachability.status().startswith("public"),
             is_behind_nat=lambda: reachability.status() == BEHIND_NAT,
+            hole_punching=cfg.hole_punching,
         )
         # The pubsub services must run before host.run(): an incoming pubsub stream crashes a node otherwise.
         async with (
             background_trio_service(pubsub),
             background_trio_service(router),
             background_trio_service(relay.protocol),
+            background_trio_service(relay.dcutr) if relay.dcutr else contextlib.nullcontext(),
         ):
             await pubsub.wait_until_ready()
             async with host.run(listen_addrs=[listen]):

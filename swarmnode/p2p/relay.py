@@ -28,8 +28,10 @@ from typing import Any
 
 import multiaddr
 import trio
+from libp2p.abc import INotifee
 from libp2p.peer.id import ID
 from libp2p.relay.circuit_v2.config import RelayConfig, RelayRole
+from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
 from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_PROTOCOL
 from libp2p.relay.circuit_v2.protocol import STOP_PROTOCOL_ID, CircuitV2Protocol
 from libp2p.relay.circuit_v2.protocol_buffer import StatusCode
@@ -53,8 +55,9 @@ logging.getLogger("libp2p.relay.circuit_v2.protocol").addFilter(_QuietReservatio
 CHECK_S = 2.0
 # Reserve again well before the relay's TTL (3600 s by default) runs out.
 REFRESH_S = 600.0
-# A peer that refused a reservation (not a relay, full, not public) is not asked again for this long.
-REFUSED_COOLDOWN_S = 60.0
+# A peer that refused a reservation (not a relay, full, not public yet) is asked again after 5 s, then after
+# twice as long each time, up to 5 minutes: a public node refuses until its own probe says it is public.
+REFUSED_COOLDOWN_S = (5.0, 300.0)
 # A circuit attempt through a relay the destination has no reservation on fails in ~0.5 s (NO_RESERVATION).
 CIRCUIT_TIMEOUT_S = 10.0
 MAX_RELAYS_TRIED = 4
@@ -79,6 +82,7 @@ class Relay:
         reservations: int,
         is_public: Callable[[], bool],
         is_behind_nat: Callable[[], bool],
+        hole_punching: bool = True,
     ) -> None:
         self.host = host
         self._serve = serve
@@ -88,8 +92,12 @@ class Relay:
         self.protocol = CircuitV2Protocol(host, limits=limits, allow_hop=False)
         config = RelayConfig(roles=RelayRole.STOP | RelayRole.CLIENT, limits=limits)
         self.transport = CircuitV2Transport(host, self.protocol, config)
+        # DCUtR: over a relayed connection both sides swap their predicted public addresses and dial each
+        # other at once (TCP simultaneous open from the listen port); the library drives it by itself for
+        # every relayed connection and closes the relayed one 60 s after a direct one verifies.
+        self.dcutr = DCUtRProtocol(host, dial_timeout=5) if hole_punching else None
         self.reserved: dict[ID, float] = {}  # relay -> when reserved
-        self._refused: dict[ID, float] = {}
+        self._refused: dict[ID, tuple[float, float]] = {}  # peer -> (when it refused, cooldown)
         self._relayed_first: dict[ID, float] = {}  # peer -> when only a relay reached it
         self.stats = {
             "reservations_made": 0,
@@ -101,6 +109,7 @@ class Relay:
             "bytes_relayed": 0,
         }
         self._count_relayed_bytes()
+        host.get_network().register_notifee(_RelayLost(self))
         # Handlers are set before the host runs: a peer may try either protocol as soon as it connects.
         host.set_stream_handler(HOP_PROTOCOL, self._handle_hop)
         host.set_stream_handler(STOP_PROTOCOL_ID, self.protocol._handle_stop_stream)
@@ -131,12 +140,42 @@ class Relay:
             return
         await self.protocol._handle_hop_stream(stream)
 
+    def lost(self, peer: ID) -> None:
+        # A relay that restarts forgets our reservation: a closed connection to it ends the reservation here
+        # too, and the next round reserves again (on it, once it is back, or on another relay).
+        if self.reserved.pop(peer, None) is not None:
+            log.info("lost relay %s; looking for another", peer)
+
     def relays(self) -> list[str]:
         return [r.to_base58() for r in self.reserved]
+
+    def connection_kinds(self) -> dict[str, int]:
+        """Connected peers by how we reach them: direct only, relayed only, or both (upgrade in progress)."""
+        kinds = {"direct": 0, "relayed": 0, "both": 0}
+        for peer in list(self.host.get_connected_peers()):
+            paths = self._paths(peer)
+            if paths:
+                kinds["both" if len(paths) == 2 else paths.pop()] += 1
+        return kinds
+
+    def _paths(self, peer: ID) -> set[str]:
+        """{"direct", "relayed"}: the kinds of open connection we have to `peer`."""
+        paths = set()
+        for conn in self.host.get_network().get_connections(peer):
+            try:
+                if conn.is_closed:
+                    continue
+                relayed = any("p2p-circuit" in str(a) for a in conn.get_transport_addresses())
+            except Exception:  # closing underneath us
+                continue
+            paths.add("relayed" if relayed else "direct")
+        return paths
 
     def statistics(self) -> dict[str, Any]:
         return {
             **self.stats,
+            "peers": self.connection_kinds(),
+            "hole_punching": self.dcutr is not None,
             "serving": self._serve and self._is_public(),
             "reservations": len(self.reserved),
             "relays": self.relays(),
@@ -165,7 +204,10 @@ class Relay:
         for peer in sorted(connected, key=str):
             if len(self.reserved) >= self._wanted:
                 break
-            if peer in self.reserved or now - self._refused.get(peer, -1e9) < REFUSED_COOLDOWN_S:
+            refused_at, cooldown = self._refused.get(peer, (-1e9, 0.0))
+            if peer in self.reserved or now - refused_at < cooldown or "direct" not in self._paths(peer):
+                # Relays refuse reservations over relayed connections (spec), and a peer we reach only
+                # through a relay is behind NAT itself.
                 continue
             await self._reserve(peer)
 
@@ -188,7 +230,9 @@ class Relay:
             self.stats["reservations_made"] += 1
         else:
             self.reserved.pop(relay, None)
-            self._refused[relay] = time.monotonic()
+            _, last = self._refused.pop(relay, (0.0, 0.0))
+            low, high = REFUSED_COOLDOWN_S
+            self._refused[relay] = (time.monotonic(), min(high, max(low, 2 * last)))
             self.stats["reservations_failed"] += 1
             while len(self._refused) > 1024:
                 self._refused.pop(next(iter(self._refused)))
@@ -267,6 +311,29 @@ class Relay:
                 log.info("connected to %s through relay %s", peer, relay)
                 return True
         return False
+
+
+class _RelayLost(INotifee):
+    def __init__(self, relay: Relay) -> None:
+        self._relay = relay
+
+    async def disconnected(self, network: Any, conn: Any) -> None:
+        self._relay.lost(conn.muxed_conn.peer_id)
+
+    async def connected(self, network: Any, conn: Any) -> None:
+        pass
+
+    async def opened_stream(self, network: Any, stream: Any) -> None:
+        pass
+
+    async def closed_stream(self, network: Any, stream: Any) -> None:
+        pass
+
+    async def listen(self, network: Any, multiaddr: Any) -> None:
+        pass
+
+    async def listen_close(self, network: Any, multiaddr: Any) -> None:
+        pass
 
 
 def _offers_hop(peerstore: Any, peer: ID) -> bool:
