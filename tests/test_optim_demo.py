@@ -222,12 +222,25 @@ def test_large_tensors_are_transformed_band_by_band_with_the_same_result(
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(96, 200), torch.nn.Linear(200, 7))  # 200 rows: padded
         opt = demo_mod.DeMo(model.named_parameters(), lr=1e-2, k=4, chunk=64)
+        peer_model = torch.nn.Sequential(torch.nn.Linear(96, 200), torch.nn.Linear(200, 7))
+        peer = demo_mod.DeMo(peer_model.named_parameters(), lr=1e-2, k=4, chunk=64)
         out = []
         for _ in range(3):
             model(torch.randn(5, 96)).pow(2).sum().backward()
+            peer_model(torch.randn(5, 96)).pow(2).sum().backward()
             out.append(opt.compute_components())
-            opt.apply_components([])
+            theirs = peer.compute_components()
+            # the peer's tensors split into two chunk ranges that straddle our bands
+            parts: list[dict[str, Any]] = [{}, {}]
+            for name, (idx, vals) in theirs.items():
+                h = max(1, idx.shape[0] // 3)
+                parts[0][name] = (idx[:h], vals[:h], 0)
+                if h < idx.shape[0]:
+                    parts[1][name] = (idx[h:], vals[h:], h)
+            opt.apply_components([parts])
+            peer.apply_components([])
             opt.zero_grad()
+            peer.zero_grad()
         return out, [p.detach().clone() for p in model.parameters()]
 
     whole, w_whole = run(1 << 30)

@@ -150,6 +150,7 @@ class DeMo(torch.optim.Optimizer):
         step (parts of split tensors, repeats); entries that do not fit our transform are skipped
         (``swarmnode.aggregate.peer_coefficients``)."""
         from swarmnode.aggregate import coefficient_clip, peer_coefficients
+        from swarmnode.compression.dct import inverse_band, row_bands
 
         if self._own is None:
             raise RuntimeError("apply_components: call compute_components() first in this step")
@@ -160,24 +161,39 @@ class DeMo(torch.optim.Optimizer):
             p = self._by_name[name]
             t = self.transforms[name]
             idx, vals = self._own[name]
-            own_q = t.inverse(scatter_dense(idx, vals, t.n_chunks, t.chunk_numel)).reshape(p.shape)
-            own_sign = torch.sign(own_q)
-            votes = own_sign.clone()
             bound = coefficient_clip(vals.detach().float())
+            entries: list[list[Any]] = []  # per peer, its valid entries for this tensor
             for i, peer in enumerate(peers):
                 parts = [peer] if isinstance(peer, dict) else list(peer)
-                got = peer_coefficients(parts, name, n_chunks=t.n_chunks, chunk_numel=t.chunk_numel)
-                if got is None:
+                mine = _valid_entries(parts, name, t.n_chunks, t.chunk_numel)
+                if not mine:
                     if any(isinstance(d, dict) and name in d for d in parts):
                         self.peer_tensors_skipped += 1
                     continue
-                coeffs = got[0] if bound == float("inf") else got[0].clamp(-bound, bound)
-                votes.add_(torch.sign(t.inverse(coeffs).reshape(p.shape)))
+                entries.append(mine)
                 voters.add(i)
-            update = torch.where(votes != 0, torch.sign(votes), own_sign)
             if wd:
                 p.mul_(1 - lr * wd)
-            p.add_(update.to(device=p.device, dtype=p.dtype), alpha=-lr)
+            prows = p.view(p.shape[0] if p.dim() >= 2 else 1, -1)
+            nc = t._cols // t._tc  # chunks per tile row
+            # Band by band, as in compute_components: dense fp32 coefficients of a 136 M-value
+            # embedding would otherwise take several GB per voter.
+            for b0, b1 in row_bands(t, BAND_NUMEL):
+                c0, c1 = b0 * nc, b1 * nc
+                r0, r1 = b0 * t._tr, min(prows.shape[0], b1 * t._tr)
+                own = scatter_dense(idx[c0:c1], vals[c0:c1], c1 - c0, t.chunk_numel)
+                own_sign = torch.sign(inverse_band(t, own, b1 - b0, r1 - r0))
+                votes = own_sign.clone()
+                for mine in entries:
+                    band = _band_entries(mine, c0, c1)
+                    got = peer_coefficients(band, "t", n_chunks=c1 - c0, chunk_numel=t.chunk_numel)
+                    if got is None:
+                        continue
+                    coeffs = got[0] if bound == float("inf") else got[0].clamp(-bound, bound)
+                    votes.add_(torch.sign(inverse_band(t, coeffs, b1 - b0, r1 - r0)))
+                update = torch.where(votes != 0, torch.sign(votes), own_sign)
+                prows[r0:r1].add_(update.to(device=p.device, dtype=p.dtype), alpha=-lr)
+                del own, own_sign, votes, update
         self.last_voters = len(voters)
         self._own = None
 
@@ -191,6 +207,43 @@ class DeMo(torch.optim.Optimizer):
         self.compute_components()
         self.apply_components([])
         return loss
+
+
+def _valid_entries(parts: Sequence[Any], name: str, n_chunks: int, chunk_numel: int) -> list[Any]:
+    """A peer's entries for tensor ``name`` that fit our transform, as (int64 idx, fp32 vals, first
+    chunk); malformed ones (shape, chunk range, index range, non-finite values) are dropped whole."""
+    out = []
+    for comp in parts:
+        entry = comp.get(name) if isinstance(comp, dict) else None
+        if entry is None or len(entry) < 2:
+            continue
+        idx, vals = entry[0], entry[1]
+        if not isinstance(idx, torch.Tensor) or not isinstance(vals, torch.Tensor):
+            continue
+        start = int(entry[2]) if len(entry) > 2 else 0
+        if idx.shape != vals.shape or idx.dim() != 2 or start < 0 or start + idx.shape[0] > n_chunks:
+            continue
+        if len(entry) == 2 and idx.shape[0] != n_chunks:
+            continue
+        idx = idx.to(torch.int64).cpu()
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= chunk_numel):
+            continue
+        v = vals.detach().to(dtype=torch.float32, device="cpu")
+        if not bool(torch.isfinite(v).all()):
+            continue
+        out.append((idx, v, start))
+    return out
+
+
+def _band_entries(entries: list[Any], c0: int, c1: int) -> list[dict[str, Any]]:
+    """The parts of ``entries`` inside chunks [c0, c1), renumbered from c0, in
+    ``peer_coefficients``' input form (one single-entry dict per part)."""
+    out = []
+    for idx, vals, start in entries:
+        a, b = max(c0, start), min(c1, start + idx.shape[0])
+        if a < b:
+            out.append({"t": (idx[a - start : b - start], vals[a - start : b - start], a - c0)})
+    return out
 
 
 def scatter_dense(idx: torch.Tensor, vals: torch.Tensor, n_chunks: int, chunk_numel: int) -> torch.Tensor:
