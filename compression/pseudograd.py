@@ -11,6 +11,12 @@ tensors, and never copies the blob.
 The author averages the *decoded* values of its own blob, like every receiver, so replicas that
 merged the same contributions land on bit-identical anchors. No pickle: a peer's bytes can only
 become finite fp32 tensors of the shapes the header states, checked before anything is allocated.
+
+``sparse`` (``compression.sparsedelta``): top-k per 4096-value tile with 2-bit values, ~0.018 B/param;
+header ``{"codec": "sparse", "tile": 64, "k": 56, "dct": false, "t": [...]}``, the same entries. Its
+payloads are far smaller than the tensors they decode to, so a receiver must state the shapes it
+expects (``shapes=``): the header must name exactly those tensors and shapes, checked before anything
+is allocated. The codec is in the header, so a receiver decodes either codec whatever its own.
 """
 
 from __future__ import annotations
@@ -18,14 +24,17 @@ from __future__ import annotations
 import math
 import struct
 from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, cast
 
 import msgpack
 import torch
-from swarmnode.compression import quant
+from swarmnode.compression import quant, sparsedelta
+from swarmnode.compression.sparsedelta import ErrorFeedback, SparseParams
 from swarmnode.protocol.errors import ProtocolError
 from torch import Tensor
 
 __all__ = [
+    "CHOICES",
     "CODECS",
     "QUANT_BLOCK",
     "decode_delta",
@@ -34,10 +43,15 @@ __all__ = [
     "encode_delta",
     "encoded_size",
     "iter_decode_delta",
+    "max_encoded_size",
+    "resolve_codec",
 ]
 
 QUANT_BLOCK = 256
-CODECS = ("int8",)
+CODECS = ("int8", "sparse")  # what a header may name
+# What a node may choose to send (config ``diloco.delta_codec``): "sparse-dct" is the sparse codec
+# in the DCT domain, the same wire codec with ``dct: true`` in its header.
+CHOICES = ("int8", "sparse", "sparse-dct")
 _MAGIC = b"SNPG"
 _VERSION = 2
 _PREFIX = struct.Struct("<4sBI")
@@ -47,15 +61,34 @@ _MAX_NAME = 256
 _MAX_DIMS = 8
 
 
-def encoded_size(shapes: Mapping[str, tuple[int, ...]], codec: str = "int8") -> int:
+def resolve_codec(choice: str, params: SparseParams | None = None) -> tuple[str, SparseParams | None]:
+    """(wire codec, sparse params) of a codec choice (one of ``CHOICES``)."""
+    if choice not in CHOICES:
+        raise ValueError(f"codec: expected one of {CHOICES}, got {choice!r}")
+    if choice == "int8":
+        return "int8", params
+    return "sparse", params or SparseParams(dct=choice == "sparse-dct")
+
+
+def encoded_size(
+    shapes: Mapping[str, tuple[int, ...]], codec: str = "int8", params: SparseParams | None = None
+) -> int:
     """Upper bound of ``encode_delta``'s output for tensors of these shapes (caps derive from it)."""
-    if codec != "int8":
-        raise ValueError(f"codec: expected one of {CODECS}, got {codec!r}")
+    codec, params = resolve_codec(codec, params)
     total = _PREFIX.size + 64
     for name, shape in shapes.items():
-        numel = math.prod(shape)
-        total += quant.quantized_size(numel, QUANT_BLOCK) + len(name) * 4 + 24 + 9 * len(shape)
+        if codec == "int8":
+            body = quant.quantized_size(math.prod(shape), QUANT_BLOCK)
+        else:
+            body = sparsedelta.payload_bounds(tuple(shape), params or SparseParams())[1]
+        total += body + len(name) * 4 + 24 + 9 * len(shape)
     return total
+
+
+def max_encoded_size(shapes: Mapping[str, tuple[int, ...]]) -> int:
+    """The largest Δ blob of these shapes in any codec a receiver accepts (dense int8): the cap of a
+    node that merges contributions whatever codec their authors chose."""
+    return encoded_size(shapes, "int8")
 
 
 def _items(delta: Mapping[str, Tensor] | Iterable[tuple[str, Tensor]]) -> Iterator[tuple[str, Tensor]]:
@@ -64,11 +97,23 @@ def _items(delta: Mapping[str, Tensor] | Iterable[tuple[str, Tensor]]) -> Iterat
     return iter(delta)
 
 
-def encode_delta(delta: Mapping[str, Tensor] | Iterable[tuple[str, Tensor]], codec: str = "int8") -> bytes:
+def encode_delta(
+    delta: Mapping[str, Tensor] | Iterable[tuple[str, Tensor]],
+    codec: str = "int8",
+    *,
+    params: SparseParams | None = None,
+    feedback: ErrorFeedback | None = None,
+) -> bytes:
     """A mapping, or (name, Δ) pairs in sorted name order (e.g. ``DiLoCo.iter_pseudo_gradient``, so
-    the fp32 Δ of a large model exists one tensor at a time)."""
-    if codec not in CODECS:
-        raise ValueError(f"codec: expected one of {CODECS}, got {codec!r}")
+    the fp32 Δ of a large model exists one tensor at a time).
+
+    ``sparse`` (and ``sparse-dct``) take ``params`` (default ``SparseParams()``, with ``dct``
+    for ``sparse-dct``) and an optional ``feedback``: each tensor is coded as Δ + e and e becomes
+    what the blob left out (``sparsedelta.ErrorFeedback``)."""
+    if codec == "int8" and (params is not None or feedback is not None):
+        raise ValueError("params and feedback apply to the sparse codec only")
+    codec, resolved = resolve_codec(codec, params)
+    p = resolved or SparseParams()
     entries: list[list[object]] = []
     payloads: list[bytes] = []
     last = ""
@@ -76,22 +121,34 @@ def encode_delta(delta: Mapping[str, Tensor] | Iterable[tuple[str, Tensor]], cod
         if entries and name <= last:
             raise ValueError(f"delta names must be unique and sorted, got {name!r} after {last!r}")
         last = name
-        payload = quant.quantize_int8(t, block=QUANT_BLOCK)
+        if codec == "int8":
+            payload = quant.quantize_int8(t, block=QUANT_BLOCK)
+        else:
+            sent = feedback.add(name, t) if feedback is not None else t
+            payload, decoded = sparsedelta.encode_tensor(sent, p)
+            if feedback is not None:
+                feedback.keep(name, sent, decoded)
+            del decoded
         entries.append([name, list(t.shape), len(payload)])
         payloads.append(payload)
-    header = msgpack.packb({"codec": codec, "t": entries}, use_bin_type=True)
+    head: dict[str, object] = {"codec": codec, "t": entries}
+    if codec == "sparse":
+        head.update(tile=p.tile, k=p.k, dct=p.dct)
+    header = msgpack.packb(head, use_bin_type=True)
     return b"".join([_PREFIX.pack(_MAGIC, _VERSION, len(header)), header, *payloads])
 
 
-def delta_codec(data: bytes) -> str:
-    """The codec a blob says it was written with; ``ProtocolError`` when it is not a Δ blob."""
-    if len(data) >= _PREFIX.size and data[:4] == _MAGIC:
-        return "int8"
-    raise ProtocolError("pseudo-gradient blob: unknown format")
+def delta_codec(data: bytes, max_bytes: int = _MAX_HEADER + _PREFIX.size) -> str:
+    """The codec a blob's header names ("int8" or "sparse"); ``ProtocolError`` when it is not a Δ blob.
+    Reads the prefix and the header only."""
+    return _parse_header(data, max_bytes)[0]
 
 
-def _header(data: bytes, max_bytes: int) -> tuple[list[tuple[str, tuple[int, ...], int, int]], int]:
-    """[(name, shape, payload offset, payload length)], checked against the blob's real size."""
+_Entry = tuple[str, tuple[int, ...], int, int]
+
+
+def _parse_header(data: bytes, max_bytes: int) -> tuple[str, SparseParams | None, list[Any], int]:
+    """(codec, sparse params, raw entries, header end): the prefix and the msgpack header, bounded."""
     if len(data) > max_bytes:
         raise ProtocolError(f"pseudo-gradient blob: {len(data)} bytes, over the limit of {max_bytes}")
     if len(data) < _PREFIX.size:
@@ -106,14 +163,37 @@ def _header(data: bytes, max_bytes: int) -> tuple[list[tuple[str, tuple[int, ...
         "pseudo-gradient header",
         max_str_len=_MAX_NAME * 4,
         max_array_len=_MAX_TENSORS,
-        max_map_len=4,
+        max_map_len=8,
     )
     if not isinstance(obj, dict) or obj.get("codec") not in CODECS or not isinstance(obj.get("t"), list):
-        raise ProtocolError("pseudo-gradient header: expected {'codec': 'int8', 't': [...]}")
-    offset = _PREFIX.size + hlen
-    out: list[tuple[str, tuple[int, ...], int, int]] = []
+        raise ProtocolError(f"pseudo-gradient header: expected {{'codec': one of {CODECS}, 't': [...]}}")
+    codec = str(obj["codec"])
+    params = None
+    want_keys = {"codec", "t"} | ({"tile", "k", "dct"} if codec == "sparse" else set())
+    if set(obj) != want_keys:
+        raise ProtocolError(f"pseudo-gradient header: {codec} header has keys {sorted(map(str, obj))}")
+    if codec == "sparse":
+        sparsedelta.check_params(obj["tile"], obj["k"], obj["dct"], error=ProtocolError)
+        params = SparseParams(tile=obj["tile"], k=obj["k"], dct=obj["dct"])
+    return codec, params, obj["t"], _PREFIX.size + hlen
+
+
+def _header(
+    data: bytes, max_bytes: int, shapes: Mapping[str, tuple[int, ...]] | None
+) -> tuple[str, SparseParams | None, list[_Entry]]:
+    """(codec, sparse params, [(name, shape, payload offset, payload length)]), checked against the
+    blob's real size and, when given, against the shapes the receiver expects (required for sparse:
+    its payloads do not bound the tensors they decode to)."""
+    codec, params, items, offset = _parse_header(data, max_bytes)
+    if codec == "sparse" and shapes is None:
+        raise ProtocolError("pseudo-gradient blob: a sparse Δ is decoded only against expected shapes")
+    if shapes is not None and len(items) != len(shapes):
+        raise ProtocolError(
+            f"pseudo-gradient header: {len(items)} tensors do not match our model's {len(shapes)}"
+        )
+    out: list[_Entry] = []
     last = ""
-    for item in obj["t"]:
+    for item in items:
         if not (isinstance(item, list) and len(item) == 3):
             raise ProtocolError("pseudo-gradient header: each entry must be [name, shape, length]")
         name, shape, length = item
@@ -126,27 +206,57 @@ def _header(data: bytes, max_bytes: int) -> tuple[list[tuple[str, tuple[int, ...
             or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**40 for s in shape)
         ):
             raise ProtocolError(f"pseudo-gradient header: tensor {name!r} has a bad shape")
+        if shapes is not None:
+            if name not in shapes:
+                raise ProtocolError(f"pseudo-gradient header: tensor {name!r:.80} does not match our model")
+            if tuple(shape) != tuple(shapes[name]):
+                raise ProtocolError(
+                    f"pseudo-gradient header: tensor {name!r}{shape} does not match our model's {list(shapes[name])}"
+                )
         numel = math.prod(shape)
-        if not isinstance(length, int) or length != quant.quantized_size(numel, QUANT_BLOCK):
-            raise ProtocolError(
-                f"pseudo-gradient header: tensor {name!r}: {length!r} bytes for {numel} values"
-            )
+        if not isinstance(length, int) or isinstance(length, bool):
+            raise ProtocolError(f"pseudo-gradient header: tensor {name!r}: length {length!r:.40}")
+        if codec == "int8":
+            if length != quant.quantized_size(numel, QUANT_BLOCK):
+                raise ProtocolError(
+                    f"pseudo-gradient header: tensor {name!r}: {length!r} bytes for {numel} values"
+                )
+        else:
+            assert params is not None
+            lo, hi = sparsedelta.payload_bounds(tuple(shape), params)
+            if not lo <= length <= hi:
+                raise ProtocolError(
+                    f"pseudo-gradient header: tensor {name!r}: {length} bytes, {numel} sparse values need {lo}..{hi}"
+                )
         out.append((name, tuple(shape), offset, length))
         offset += length
+        if offset > len(data):
+            raise ProtocolError(
+                f"pseudo-gradient blob: tensor {name!r} ends at {offset}, the blob has {len(data)} bytes"
+            )
     if offset != len(data):
         raise ProtocolError(f"pseudo-gradient blob: payloads end at {offset}, the blob has {len(data)} bytes")
-    return out, offset
+    return codec, params, out
 
 
-def iter_decode_delta(data: bytes, max_bytes: int) -> Iterator[tuple[str, Tensor]]:
-    """(name, fp32 Δ) one tensor at a time, sorted by name. The header is checked in full before the
+def iter_decode_delta(
+    data: bytes, max_bytes: int, *, shapes: Mapping[str, tuple[int, ...]] | None = None
+) -> Iterator[tuple[str, Tensor]]:
+    """(name, fp32 Δ) one tensor at a time, sorted by name, whatever codec the header names. The
+    header is checked in full (against ``shapes``, when given; sparse blobs need them) before the
     first tensor is yielded; a payload that is malformed or not finite raises ``ProtocolError`` when
     it is reached (a merge validates every blob once, on arrival, before averaging any)."""
-    entries, _ = _header(data, max_bytes)
+    codec, params, entries = _header(data, max_bytes, shapes)
     view = memoryview(data)
     for name, shape, offset, length in entries:
         try:
-            t = quant.dequantize_int8(view[offset : offset + length], shape=shape, max_bytes=length)
+            if codec == "int8":
+                t = quant.dequantize_int8(
+                    cast(bytes, view[offset : offset + length]), shape=shape, max_bytes=length
+                )
+            else:
+                assert params is not None
+                t = sparsedelta.decode_tensor(view[offset : offset + length], shape, params, "sparse")
         except ProtocolError as exc:
             raise ProtocolError(f"pseudo-gradient blob: tensor {name!r}: {exc}") from None
         if not bool(torch.isfinite(t).all()):
@@ -154,23 +264,34 @@ def iter_decode_delta(data: bytes, max_bytes: int) -> Iterator[tuple[str, Tensor
         yield name, t
 
 
-def delta_sq_norms(data: bytes, max_bytes: int) -> list[tuple[str, tuple[int, ...], float]]:
-    """[(name, shape, ‖Δ‖²)] straight from the int8 codes and block scales, without decoding to fp32:
-    checks everything ``iter_decode_delta`` checks (a blob that passes decodes to finite tensors of
-    these shapes). The sums run block by block in float64 in a fixed order, so every node computes
-    the same norm for the same blob."""
-    entries, _ = _header(data, max_bytes)
+def delta_sq_norms(
+    data: bytes, max_bytes: int, *, shapes: Mapping[str, tuple[int, ...]] | None = None
+) -> list[tuple[str, tuple[int, ...], float]]:
+    """[(name, shape, ‖Δ‖²)] straight from the codes and scales, without decoding to fp32 (int8: codes
+    and block scales; sparse: levels and magnitude bits, see ``sparsedelta.tensor_sq_norm``): checks
+    everything ``iter_decode_delta`` checks (a blob that passes decodes to finite tensors of these
+    shapes). The sums run in float64 in a fixed order, so every node computes the same norm for the
+    same blob."""
+    codec, params, entries = _header(data, max_bytes, shapes)
     view = memoryview(data)
     out = []
     for name, shape, offset, length in entries:
         try:
-            sq = quant.int8_sq_norm(view[offset : offset + length], shape=shape, max_bytes=length)
+            if codec == "int8":
+                sq = quant.int8_sq_norm(
+                    cast(bytes, view[offset : offset + length]), shape=shape, max_bytes=length
+                )
+            else:
+                assert params is not None
+                sq = sparsedelta.tensor_sq_norm(view[offset : offset + length], shape, params, "sparse")
         except ProtocolError as exc:
             raise ProtocolError(f"pseudo-gradient blob: tensor {name!r}: {exc}") from None
         out.append((name, shape, sq))
     return out
 
 
-def decode_delta(data: bytes, max_bytes: int) -> dict[str, Tensor]:
+def decode_delta(
+    data: bytes, max_bytes: int, *, shapes: Mapping[str, tuple[int, ...]] | None = None
+) -> dict[str, Tensor]:
     """Inverse of ``encode_delta``; any malformed or non-finite blob is a ``ProtocolError``."""
-    return dict(iter_decode_delta(data, max_bytes))
+    return dict(iter_decode_delta(data, max_bytes, shapes=shapes))

@@ -143,7 +143,7 @@ def build_node(cfg: NodeConfig, host: Host, learner: Learner, *, data_dir: Path,
         collect = dl.collect_seconds
         if collect is None:
             collect = collect_window(
-                encoded_size(learner.diloco.shapes()),
+                encoded_size(learner.diloco.shapes(), dl.delta_codec),
                 max(net.expect_peers, 1),
                 net.link_mbps,
                 round_seconds=dl.round_seconds or 0.0,
@@ -156,6 +156,7 @@ def build_node(cfg: NodeConfig, host: Host, learner: Learner, *, data_dir: Path,
                 genesis=cfg.swarm.genesis,
                 collect_seconds=collect,
                 max_blob_bytes=net.max_blob_bytes,
+                codec=dl.delta_codec,
                 expect_peers=net.expect_peers,
                 join_wait_s=net.join_wait_s,
             ),

@@ -11,7 +11,7 @@ Layout of the TOML file (every key optional; unknown keys are errors, so typos n
                  external_groups, lr, max_new_tokens, temperature, staleness_steps,
                  external_prefer, share_rollouts
     [demo]       topk, chunk, use_dct, value_codec, gossip, window_s
-    [diloco]     enabled, inner_steps, round_seconds, outer_lr, momentum, collect_seconds
+    [diloco]     enabled, inner_steps, round_seconds, outer_lr, momentum, collect_seconds, delta_codec
     [checkpoint] every, keep
     [telemetry]  metrics, mqtt
 
@@ -224,6 +224,12 @@ class DilocoSection:
     # How long a round waits for peers' pseudo-gradients at most; None: from the model's Δ size,
     # the expected peers and network.link_mbps (rounds.collect_window).
     collect_seconds: float | None = None
+    # How this node codes its pseudo-gradient: dense int8 (~1.016 B/param) or sparse (top-k per
+    # 4096 values, 2-bit values, error feedback kept locally: ~0.018 B/param; compression.sparsedelta).
+    # sparse-dct: the same in the DCT domain (keeps more of a real Δ, but its decode is a float32
+    # matmul: only for a cohort whose nodes share one BLAS build, or anchors may differ in the last
+    # bits). A merge accepts any of them from peers, by the blob's header.
+    delta_codec: Literal["int8", "sparse", "sparse-dct"] = "int8"
 
     def __post_init__(self) -> None:
         _range("inner_steps", self.inner_steps, 1)

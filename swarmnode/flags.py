@@ -92,6 +92,12 @@ _FLAGS: list[tuple[str, str, str, str | None]] = [
     ("--outer-lr", "diloco.outer_lr", "outer (Nesterov) learning rate", "LR"),
     ("--outer-momentum", "diloco.momentum", "outer momentum", "M"),
     ("--collect-seconds", "diloco.collect_seconds", "longest a round waits for pseudo-gradients", "SECONDS"),
+    (
+        "--delta-codec",
+        "diloco.delta_codec",
+        "how the pseudo-gradient is coded (sparse: top-k, 2-bit values, error feedback, ~0.018 B/param)",
+        None,
+    ),
     ("--checkpoint-every", "checkpoint.every", "steps between checkpoints (0: none)", "N"),
     ("--checkpoint-keep", "checkpoint.keep", "checkpoints kept on disk", "N"),
     ("--metrics", "telemetry.metrics", "metrics JSONL path", "PATH"),

@@ -352,6 +352,7 @@ class Trainer:
             m["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
             self.optimizer.step()
             m["loss"] = total
+        self.optimizer.zero_grad(set_to_none=True)  # the gradients are spent: free them between steps
         energy = getattr(self.optimizer, "last_energy_ratio", None)  # DeMo: momentum energy sent
         if energy is not None:
             m["demo_energy"] = float(energy)

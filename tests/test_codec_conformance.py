@@ -27,6 +27,7 @@ from swarmnode.compression import (
     indices,
     pseudograd,
     quant,
+    sparsedelta,
     state,
     values,
 )
@@ -142,6 +143,38 @@ def _check_delta(orig: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) ->
         assert bool((err.reshape(-1, pseudograd.QUANT_BLOCK) <= bound[:, None] * 1.0001).all())
 
 
+def _shapes(d: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    return {n: tuple(t.shape) for n, t in d.items()}
+
+
+def _sparse_sample(rng: random.Random) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(rng.randrange(2**31))
+    return {
+        "layer.w": torch.randn(rng.randrange(1, 200), 64, generator=g) * 1e-3,
+        "layer.b": torch.randn(rng.randrange(0, 300), generator=g),
+        "odd": torch.randn(67, 3, generator=g),  # a prime row count: zero-padded tiles
+        "scalar": torch.randn((), generator=g),
+    }
+
+
+def _check_sparse(params: sparsedelta.SparseParams) -> Callable[[Any, Any], None]:
+    """The decode is what the encoder said it sends (it returns the same tensor), and top-k keeps at
+    least its share of every chunk's energy."""
+
+    def check(orig: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> None:
+        assert sorted(got) == sorted(orig)
+        for name, t in orig.items():
+            assert got[name].shape == t.shape
+            assert got[name].dtype == torch.float32
+            _, sent = sparsedelta.encode_tensor(t, params)
+            assert torch.equal(got[name], sent)
+            if t.numel() and float(t.pow(2).sum()) > 0:
+                cos = float((got[name] * t).sum()) / (float(got[name].norm()) * float(t.norm()) + 1e-30)
+                assert cos > 0.1, (name, cos)
+
+    return check
+
+
 def _state_sample(rng: random.Random) -> state.StateIndex:
     g = torch.Generator().manual_seed(rng.randrange(2**31))
     tensors = {
@@ -226,6 +259,17 @@ CODECS = [
         decode=lambda data, d: pseudograd.decode_delta(data, max_bytes=CAP),
         check=_check_delta,
     ),
+    *[
+        Codec(
+            name=f"pseudograd-sparse{'-dct' if use_dct else ''}",
+            sample=_sparse_sample,
+            encode=lambda d, p=p: pseudograd.encode_delta(d, "sparse", params=p),
+            decode=lambda data, d: pseudograd.decode_delta(data, max_bytes=CAP, shapes=_shapes(d)),
+            check=_check_sparse(p),
+        )
+        for use_dct in (False, True)
+        for p in [sparsedelta.SparseParams(dct=use_dct)]
+    ],
     Codec(
         name="state-index",
         sample=_state_sample,

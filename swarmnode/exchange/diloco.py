@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from swarmnode.compression.pseudograd import encode_delta, encoded_size
+from swarmnode.compression.pseudograd import max_encoded_size
 from swarmnode.exchange.base import BaseExchange, Host, Traffic, receive_loop
 from swarmnode.exchange.catchup import (
     STATE_PROTOCOL,
@@ -106,13 +106,14 @@ class DiLoCoExchange(BaseExchange):
         self.replica_distance = float("nan")  # mean ‖θ_i − θ̄‖ over the last merge's contributors
         self.carried_progress = float("nan")  # ‖θ − θ_published‖ carried over the last merge
         self.anchor_hash = ""  # computed once per merge or load, off the event loop
-        # Caps from the model: the largest Δ blob our own model's shapes can encode to, under the
-        # operator's ceiling. A model whose Δ can never fit fails here, before any training.
+        # Caps from the model: the largest Δ blob our own model's shapes can encode to in any codec
+        # a peer may use (dense int8: a merge accepts int8 and sparse blobs alike, by their header),
+        # under the operator's ceiling. A model whose Δ can never fit fails here, before any training.
         self.shapes = diloco.shapes()
-        self.max_blob_bytes = encoded_size(self.shapes, config.codec)
+        self.max_blob_bytes = max_encoded_size(self.shapes)
         if self.max_blob_bytes > config.max_blob_bytes:
             raise ValueError(
-                f"this model's {config.codec} pseudo-gradient is up to {self.max_blob_bytes} bytes, over the "
+                f"this model's pseudo-gradient is up to {self.max_blob_bytes} bytes (dense int8), over the "
                 f"ceiling of {config.max_blob_bytes}: raise --max-blob-bytes (network.max_blob_bytes)"
             )
         self.delta_bytes = 0
@@ -271,7 +272,7 @@ class DiLoCoExchange(BaseExchange):
             # θ at publish time first, then Δ = anchor − θ streamed into the encoder one tensor at a
             # time (training is paused at a step boundary, so both see the same θ)
             published = self.diloco.local_snapshot()
-            blob = encode_delta(self.diloco.iter_pseudo_gradient(), self.config.codec)
+            blob = self.diloco.encode_pseudo_gradient(self.config.codec)  # sparse: error feedback
             return published, blob, check_delta(blob, self.max_blob_bytes, self.shapes)
 
         published, blob, norm = await asyncio.to_thread(encode)

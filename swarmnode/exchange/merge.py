@@ -1,7 +1,8 @@
 """One DiLoCo merge, tensor by tensor: what keeps a 0.5 B-parameter outer step within memory.
 
-A contribution is a peer's encoded Δ blob (int8: 0.5 GB at 0.5 B params; its fp32 decode would be
-2 GB), its averaging weight and its global L2 norm. Every blob is validated once, on arrival
+A contribution is a peer's encoded Δ blob (int8: 0.5 GB at 0.5 B params, its fp32 decode would be
+2 GB; sparse: ~9 MB), its averaging weight and its global L2 norm. The blob's header names its codec,
+so one merge takes int8 and sparse contributions alike, whatever this node sends. Every blob is validated once, on arrival
 (``check_delta``: the names and shapes of our model, finite values, the norm in the same pass), so the
 merge itself cannot fail half-way. The merge then decodes one tensor from every blob at a time,
 combines them and hands the result to ``DiLoCo.outer_step_streaming``: the peak extra memory is a few
@@ -49,9 +50,11 @@ class MergeReport:
 
 def check_delta(blob: bytes, max_bytes: int, shapes: Mapping[str, tuple[int, ...]]) -> float:
     """The blob's global L2 norm, after checking that it decodes to finite tensors of exactly our
-    model's names and shapes; ``ProtocolError`` otherwise. Reads the int8 codes and scales only (no
-    fp32 decode): at 0.5 B parameters this is a fraction of a second, not a full decode."""
-    got = delta_sq_norms(blob, max_bytes)
+    model's names and shapes; ``ProtocolError`` otherwise. Reads the codes and scales only (no fp32
+    decode): at 0.5 B parameters this is a fraction of a second, not a full decode. The header is
+    checked against ``shapes`` before any payload is read, so a sparse blob can only ever decode
+    into tensors of our model's shapes."""
+    got = delta_sq_norms(blob, max_bytes, shapes=shapes)
     want = sorted(shapes)
     if [n for n, _, _ in got] != want:
         extra = sorted({n for n, _, _ in got} - set(want))[:3]
@@ -80,7 +83,8 @@ def merge(
     weights = bound_weights([c.weight for c in contribs], max_weight)
     scales = clip_scales([c.norm for c in contribs])
     report.clipped = sum(1 for s in scales if s < 1.0)
-    streams = [iter_decode_delta(c.blob, max_bytes) for c in contribs]
+    shapes = diloco.shapes()
+    streams = [iter_decode_delta(c.blob, max_bytes, shapes=shapes) for c in contribs]
     spread_sq = [0.0] * len(contribs)
 
     def averaged() -> Iterator[tuple[str, torch.Tensor]]:

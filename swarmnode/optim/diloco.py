@@ -5,6 +5,12 @@ Every replica keeps the same anchor. After its inner steps it publishes the pseu
 take one outer SGD step with Nesterov momentum on the anchor, then reset their local weights to it.
 Because the outer step is a deterministic function of (anchor, momentum, averaged Δ), replicas that
 average the same Δs land on bit-identical anchors, which ``anchor_hash`` lets them check.
+
+``encode_pseudo_gradient`` codes Δ for the wire: dense ``int8``, or ``sparse`` (top-k, 2-bit values,
+~0.018 B/param) with error feedback: what a sparse blob leaves out of Δ is kept in ``feedback`` (per
+parameter, on CPU, in the parameter's dtype) and added to the next round's Δ. That residual is this
+replica's own state: ``state_dict`` (checkpoints) holds it as ``residual.<name>``, ``state_tensors``
+(what joiners pull) does not, and loading a state without it (a catch-up, a re-sync) clears it.
 """
 
 from __future__ import annotations
@@ -14,6 +20,9 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
+
+from swarmnode.compression.pseudograd import encode_delta
+from swarmnode.compression.sparsedelta import ErrorFeedback, SparseParams
 
 __all__ = ["DiLoCo", "hash_anchor"]
 
@@ -32,7 +41,7 @@ def hash_anchor(anchor: Mapping[str, torch.Tensor]) -> str:
         # view, in slices, so a 2 GB anchor is never copied
         raw = t.reshape(-1).view(torch.uint8).numpy()
         for lo in range(0, raw.size, 1 << 24):
-            h.update(raw[lo : lo + (1 << 24)])
+            h.update(memoryview(raw[lo : lo + (1 << 24)]))
     return h.hexdigest()
 
 
@@ -70,6 +79,8 @@ class DiLoCo:
         }
         self.buffers: dict[str, torch.Tensor] = {}
         self.outer_steps = 0
+        # what sparse Δ blobs left out, added to the next Δ (kept in each parameter's dtype)
+        self.feedback = ErrorFeedback({n: p.dtype for n, p in self.params.items()})
 
     # -- the round ------------------------------------------------------------------------------
 
@@ -86,6 +97,16 @@ class DiLoCo:
         from, so a 0.5 B-parameter model never materialises its whole fp32 Δ (2 GB)."""
         for n in sorted(self.params):
             yield n, (self.anchor[n] - self.params[n].detach().to(dtype=torch.float32)).cpu()
+
+    @torch.no_grad()
+    def encode_pseudo_gradient(self, codec: str = "int8", params: SparseParams | None = None) -> bytes:
+        """Δ = anchor − local as a blob (``compression.pseudograd``), streamed one tensor at a time.
+        ``sparse`` / ``sparse-dct`` code Δ + e and keep in e what the blob left out (error feedback);
+        ``int8`` ignores e (a node switching codecs drops it)."""
+        if codec != "int8":  # sparse, sparse-dct
+            return encode_delta(self.iter_pseudo_gradient(), codec, params=params, feedback=self.feedback)
+        self.feedback.clear()
+        return encode_delta(self.iter_pseudo_gradient(), codec)
 
     @torch.no_grad()
     def local_snapshot(self) -> dict[str, torch.Tensor]:
@@ -204,11 +225,13 @@ class DiLoCo:
     def state_dict(self) -> dict[str, Any]:
         """Tensors and plain scalars only (safetensors/JSON friendly, no pickle needed).
 
-        Keys: ``anchor.<name>``, ``momentum.<name>`` (present once a step was taken) and scalars
+        Keys: ``anchor.<name>``, ``momentum.<name>`` (present once a step was taken),
+        ``residual.<name>`` (the sparse codec's error feedback, once it kept any) and scalars
         ``lr``, ``momentum``, ``nesterov``, ``outer_steps``.
         """
         out: dict[str, Any] = {f"anchor.{n}": t.detach().cpu().clone() for n, t in self.anchor.items()}
         out.update({f"momentum.{n}": t.detach().cpu().clone() for n, t in self.buffers.items()})
+        out.update({f"residual.{n}": t.detach().cpu().clone() for n, t in self.feedback.residual.items()})
         out.update(lr=self.lr, momentum=self.momentum, nesterov=self.nesterov, outer_steps=self.outer_steps)
         return out
 
@@ -243,16 +266,24 @@ class DiLoCo:
 
         The state may come from a peer, so everything is checked before anything is changed, and
         lr/momentum/nesterov stay this node's own (they are swarm config) unless ``load_hyperparams``.
+        The error-feedback residual is restored from ``residual.<name>`` keys (our checkpoint) and
+        cleared when there are none (a peer's state: its residual was never ours).
         """
         anchors = {k[len("anchor.") :]: v for k, v in state.items() if k.startswith("anchor.")}
         moms = {k[len("momentum.") :]: v for k, v in state.items() if k.startswith("momentum.")}
+        residuals = {k[len("residual.") :]: v for k, v in state.items() if k.startswith("residual.")}
         self._check(anchors, "state anchor")
         unknown = sorted(set(moms) - set(self.params))
         if unknown:
             raise ValueError(f"state has momentum for unknown parameters {unknown[:5]}")
         for n, t in moms.items():
             self._check_one(n, t, "state momentum")
-        for kind, group in (("anchor", anchors), ("momentum", moms)):
+        unknown = sorted(set(residuals) - set(self.params))
+        if unknown:
+            raise ValueError(f"state has residuals for unknown parameters {unknown[:5]}")
+        for n, t in residuals.items():
+            self._check_one(n, t, "state residual")
+        for kind, group in (("anchor", anchors), ("momentum", moms), ("residual", residuals)):
             for n, t in group.items():
                 if not bool(torch.isfinite(t).all()):
                     raise ValueError(f"state {kind}[{n!r}] has non-finite values")
@@ -279,6 +310,11 @@ class DiLoCo:
             else:
                 buffers[n] = t.detach().to(torch.float32, copy=True)
         self.buffers = buffers
+        self.feedback.clear()
+        for n, t in residuals.items():
+            self.feedback.residual[n] = t.detach().to(
+                "cpu", self.feedback.dtypes.get(n, torch.float32), copy=True
+            )
         self.outer_steps = steps
         if reset_local:
             self.reset_local()
