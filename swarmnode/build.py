@@ -165,6 +165,9 @@ def build_node(cfg: NodeConfig, host: Host, learner: Learner, *, data_dir: Path,
             diloco=learner.diloco,
             on_weights=learner.push_weights,
             scratch_dir=data_dir / "incoming",
+            # A state only one network vouches for (a bootstrap-only joiner) is loaded only if its
+            # held-out accuracy is within 0.1 of ours (``swarmnode.trust.accept_probe``).
+            probe=learner.evaluate if getattr(learner, "heldout", None) else None,
         )
         exchanges.append(diloco_ex)
     resumed = learner.resume()

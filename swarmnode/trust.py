@@ -22,9 +22,17 @@ API (all pure, deterministic; the catch-up code in ``swarmnode.exchange`` calls 
         one is returned with ``attested=False`` and the caller must accept it only after the probe.
         ``Choice.donors`` lists whom to ask, verified peers first, one per network group first.
 
-    check_claim(round, step, *, my_round, my_step, max_round, max_steps_per_round) -> str | None
+    choose_resync(offers, addresses, *, verified=(), my_round, my_anchor, quorum=2) -> Choice | None
+        The majority re-sync of a replica whose anchor diverged (it merged another set of
+        contributions): among offers at ``my_round``, each anchor is supported as above, ours by one
+        more (this node). The winner has the most support (ties: the smaller hash, the same rule on
+        every replica); None when it is ours. ``attested``: the winner's support reaches ``quorum``.
+
+    check_claim(round, step, *, my_round, my_step, max_round, max_steps_per_round,
+                min_steps_per_round=0) -> str | None
         Why a donor's (round, step) is implausible (None if plausible): a round past the bound, or
-        a step further ahead than that many rounds could have taken (no step 123,919 at round 5).
+        a step further ahead than that many rounds could have taken (no step 123,919 at round 5),
+        or (step rounds) fewer steps than the round needs.
 
     accept_probe(own_reward, candidate_reward, *, tolerance=0.1) -> bool
         The local probe: load a candidate state only if its held-out reward on a few of our prompts
@@ -32,9 +40,12 @@ API (all pure, deterministic; the catch-up code in ``swarmnode.exchange`` calls 
 
 What this tolerates: an attacker needs identities in ``quorum`` distinct /24 networks (or the trust of
 merged rounds, which costs honest-looking contributions that pass the robust merge) to attest a
-state; even then a state that scores worse than ours on the probe is refused. A bootstrap-only
-joiner facing one malicious donor sees an unattested offer; it loads it only if the probe passes,
-and otherwise trains from its own model.
+state. The exchange (``DiLoCoExchange.maybe_catch_up``) loads an attested state after the shape,
+finiteness, anchor-hash and claim checks, without the probe; a bootstrap-only joiner facing one
+malicious donor sees an unattested offer and loads it only if the probe passes, otherwise it rolls
+back and trains from its own model. Not tolerated: an operator with hosts in ``quorum`` networks
+(the probe does not guard attested states); on loopback every port is its own group (local swarms
+on one machine), so there the rule counts processes, not operators.
 """
 
 from __future__ import annotations
@@ -44,7 +55,15 @@ import math
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
-__all__ = ["Choice", "Offer", "accept_probe", "check_claim", "choose_donor", "network_group"]
+__all__ = [
+    "Choice",
+    "Offer",
+    "accept_probe",
+    "check_claim",
+    "choose_donor",
+    "choose_resync",
+    "network_group",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,15 +124,25 @@ def _split(addr: str) -> tuple[str | None, str]:
 
 
 def check_claim(
-    round: int, step: int, *, my_round: int, my_step: int, max_round: int, max_steps_per_round: int
+    round: int,
+    step: int,
+    *,
+    my_round: int,
+    my_step: int,
+    max_round: int,
+    max_steps_per_round: int,
+    min_steps_per_round: int = 0,
 ) -> str | None:
-    """Why a donor's (round, step) cannot be true, or None when it can."""
+    """Why a donor's (round, step) cannot be true, or None when it can. ``min_steps_per_round``:
+    step-based rounds end every H steps, so a state of round r has taken at least r·H."""
     if not isinstance(round, int) or not isinstance(step, int) or round < 0 or step < 0:
         return f"round {round!r} / step {step!r} are not counts"
     if round > max_round:
         return f"round {round} is past the newest plausible round {max_round}"
     if round < my_round:
         return f"round {round} is older than ours ({my_round})"
+    if step < round * min_steps_per_round:
+        return f"step {step} is too few for round {round} ({min_steps_per_round} steps a round)"
     ceiling = my_step + (round - my_round + 1) * max_steps_per_round
     if step > ceiling:
         return f"step {step} is more than {round - my_round + 1} rounds of steps past ours ({my_step})"
@@ -152,9 +181,7 @@ def choose_donor(
             peers.append(o.peer)
     best: tuple[tuple[int, int, int, str], Choice] | None = None
     for (rnd, anchor), peers in by_anchor.items():
-        groups = {g for p in peers if (g := network_group(addresses.get(p, ""))) is not None}
-        vouched = [p for p in peers if p in trusted]
-        support = len(groups) + len(vouched)
+        support = _support(peers, addresses, trusted)
         attested = support >= quorum
         choice = Choice(
             round=rnd,
@@ -168,6 +195,51 @@ def choose_donor(
         if best is None or key > best[0]:
             best = (key, choice)
     return None if best is None else best[1]
+
+
+def choose_resync(
+    offers: Sequence[Offer],
+    addresses: Mapping[str, str],
+    *,
+    verified: Collection[str] = (),
+    my_round: int,
+    my_anchor: str,
+    quorum: int = 2,
+) -> Choice | None:
+    """The anchor a replica re-syncs to at its own round, or None to keep its own (see the module
+    docstring). Identities count for nothing: four Sybils from one /24 support an anchor by one, as
+    much as this node supports its own."""
+    if quorum < 1:
+        raise ValueError(f"quorum must be >= 1, got {quorum}")
+    trusted = set(verified)
+    holders: dict[str, list[str]] = {}
+    for o in offers:
+        if int(o.round) != my_round or not o.anchor_hash:
+            continue
+        peers = holders.setdefault(o.anchor_hash, [])
+        if o.peer not in peers:
+            peers.append(o.peer)
+    support = {a: _support(p, addresses, trusted) for a, p in holders.items()}
+    ours = support.get(my_anchor, 0) + 1
+    winner = min(
+        [*(a for a in support if a != my_anchor), my_anchor],
+        key=lambda a: (-(ours if a == my_anchor else support[a]), a),
+    )
+    if winner == my_anchor:
+        return None
+    return Choice(
+        round=my_round,
+        anchor_hash=winner,
+        donors=_donor_order(holders[winner], addresses, trusted),
+        support=support[winner],
+        attested=support[winner] >= quorum,
+    )
+
+
+def _support(peers: Collection[str], addresses: Mapping[str, str], trusted: set[str]) -> int:
+    """Distinct network groups of ``peers`` plus the verified ones among them."""
+    groups = {g for p in peers if (g := network_group(addresses.get(p, ""))) is not None}
+    return len(groups) + sum(1 for p in peers if p in trusted)
 
 
 def _neg(text: str) -> str:

@@ -144,11 +144,15 @@ class FakeHost:
 
     ``dead = True``: the peer still publishes but never answers a fetch or a request (a crashed
     uploader, a peer behind a broken NAT). ``close()``: the transport is gone, every subscription
-    of this host ends."""
+    of this host ends. ``address``: where its connections come from (``remote_addresses``); by
+    default each host on the bus is in a /24 of its own, a test puts Sybil hosts in one."""
 
-    def __init__(self, bus: Bus, peer_id: str) -> None:
+    def __init__(self, bus: Bus, peer_id: str, address: str | None = None) -> None:
         self.bus = bus
         self.peer_id = peer_id
+        self.address = (
+            address if address is not None else f"10.{len(bus.hosts) % 250}.{len(bus.hosts) // 250}.1:4001"
+        )
         self.dead = False
         self.blobs: dict[str, bytes] = {}
         self.views: dict[str, tuple[int, Callable[[int, int], bytes]]] = {}
@@ -233,6 +237,9 @@ class FakeHost:
 
     def connected_peers(self) -> list[str]:
         return [p for p in self.bus.hosts if p != self.peer_id]
+
+    def remote_addresses(self) -> dict[str, str]:
+        return {p: h.address for p, h in self.bus.hosts.items() if p != self.peer_id and h.address}
 
     def statistics(self) -> dict[str, Any]:
         return {"blobs": {"served_bytes": self.served_bytes}}

@@ -156,8 +156,10 @@ def test_late_joiner_catches_up(tmp_path: Path, tiny_model: str) -> None:
         # cohort is still at round 0 or 1 is within ordinary skew and merges without a catch-up.
         while time.monotonic() < deadline and _last(nodes[0].data_dir).get("round", 0) < 3:
             time.sleep(0.2)
+        # A plan with the joiner in it (node index 2); it expects the 2 cohort peers before its
+        # first step.
         joiner_plan = SwarmPlan(
-            nodes=2,
+            nodes=3,
             steps=5000,
             merge_every=2,
             out=tmp_path,

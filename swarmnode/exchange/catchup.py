@@ -9,6 +9,14 @@ state is 4 GB: nothing ever holds it twice, a donor serves it straight out of it
 transfer whose donor dies resumes from the next donor of the same state with the chunks it has.
 A peer can make us wait, never make us load bytes its index did not commit to, and the index must
 match our own model's names, shapes and dtypes before a single chunk is pulled.
+
+Whom to copy (``choose_source``, rules in ``swarmnode.trust``): not the newest round, nor the most
+identities — those are free. A state is *attested* when peers in ``quorum`` distinct network groups
+(IPv4 /24, IPv6 /48, by the remote address of our connection to them: ``exchange.addresses``), or
+peers whose contributions we verified, advertise it; claims of a round or step that cannot be true
+(``trust.check_claim``) are refused before anything is pulled, and checked again on the donor's
+state manifest. An unattested state (a bootstrap-only joiner, one donor) is loaded only if the
+caller can probe it (held-out reward, ``trust.accept_probe``) and rolled back if the probe fails.
 """
 
 from __future__ import annotations
@@ -16,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,15 +42,18 @@ from swarmnode.compression.state import (
 from swarmnode.optim.diloco import hash_anchor
 from swarmnode.protocol import StateManifest, codec
 from swarmnode.protocol.topics import STATE_PROTOCOL
+from swarmnode.trust import Choice, Offer, check_claim, choose_donor, choose_resync
 
 __all__ = [
     "STATE_PROTOCOL",
     "CatchupError",
+    "Decision",
     "Snapshot",
     "StateServer",
     "StateTransfer",
     "choose_source",
     "load_state_file",
+    "request_manifest",
     "snapshot_of",
 ]
 
@@ -131,6 +142,17 @@ def expected_layout(diloco: Any) -> dict[str, tuple[str, tuple[int, ...]]]:
     return out
 
 
+async def request_manifest(host: Any, cohort: str, donor: str) -> StateManifest:
+    """The donor's current state manifest (round, step, anchor hash, index hash): one small request."""
+    answer = await host.request(donor, STATE_PROTOCOL, cohort.encode("ascii"))
+    if not answer:
+        raise CatchupError(f"peer {donor} has no state for cohort {cohort[:12]}")
+    manifest = codec.decode(answer)
+    if not isinstance(manifest, StateManifest) or manifest.cohort != cohort:
+        raise CatchupError(f"peer {donor} answered with a state for another cohort")
+    return manifest
+
+
 class StateTransfer:
     """One joiner's pull of a cohort state into ``path``, resumable across donors.
 
@@ -153,13 +175,13 @@ class StateTransfer:
         self.bytes_pulled = 0
         self.chunks_kept = 0
 
-    async def pull(self, donor: str) -> tuple[Any, StateIndex]:
-        answer = await self.host.request(donor, STATE_PROTOCOL, self.cohort.encode("ascii"))
-        if not answer:
-            raise CatchupError(f"peer {donor} has no state for cohort {self.cohort[:12]}")
-        manifest = codec.decode(answer)
-        if not isinstance(manifest, StateManifest) or manifest.cohort != self.cohort:
-            raise CatchupError(f"peer {donor} answered with a state for another cohort")
+    async def pull(
+        self, donor: str, check: Callable[[StateManifest], None] | None = None
+    ) -> tuple[Any, StateIndex]:
+        """``check(manifest)`` may refuse the donor's state (raise) before its index is fetched."""
+        manifest = await request_manifest(self.host, self.cohort, donor)
+        if check is not None:
+            check(manifest)
         if manifest.size > self.max_index:
             raise CatchupError(
                 f"peer {donor} offers a {manifest.size}-byte state index, over {self.max_index}"
@@ -237,65 +259,100 @@ def load_state_file(diloco: Any, path: Path, index: StateIndex, *, anchor_hash: 
     diloco.load_state_dict(state, reset_local=True)
 
 
-def pick_source(
-    peers: dict[str, Any], my_round: int, cohort: str, is_live: Callable[[str], bool]
-) -> str | None:
-    """The live cohort peer advertising the newest round ahead of ours (ties: lowest id, deterministic)."""
-    best: tuple[int, str] | None = None
-    for peer, presence in peers.items():
-        if presence is None or getattr(presence, "cohort", None) != cohort or not is_live(peer):
-            continue
-        rnd = int(getattr(presence, "round", 0))
-        if rnd > my_round and (best is None or (-rnd, peer) < (-best[0], best[1])):
-            best = (rnd, peer)
-    return None if best is None else best[1]
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What ``choose_source`` decided: the state to load, whether it is a re-sync at our own round
+    (``heal``) or a catch-up to a newer one, and every peer whose offer would do for it
+    (``candidates``, in ``trust``'s donor order): whom to ask for their current state manifest
+    when the presences (seconds old) do not attest one state."""
 
-
-def pick_majority_anchor(
-    peers: dict[str, Any], my_round: int, my_anchor: str, cohort: str, is_live: Callable[[str], bool]
-) -> tuple[str, str] | None:
-    """(peer to copy from, anchor hash) when this node's anchor lost the vote among cohort peers that
-    report the same round; None when ours is the winner.
-
-    Replicas diverge when they merged different sets of pseudo-gradients (one missed a manifest). The
-    rule is the same everywhere — most holders wins, ties go to the smallest hash — so every replica
-    converges on one anchor without coordination.
-    """
-    holders: dict[str, list[str]] = {my_anchor: []}
-    for peer, presence in peers.items():
-        if presence is None or getattr(presence, "cohort", None) != cohort or not is_live(peer):
-            continue
-        if int(getattr(presence, "round", -1)) != my_round or not getattr(presence, "anchor_hash", ""):
-            continue
-        holders.setdefault(presence.anchor_hash, []).append(peer)
-    counts = {h: len(p) + (1 if h == my_anchor else 0) for h, p in holders.items()}
-    winner = min(counts, key=lambda h: (-counts[h], h))
-    if winner == my_anchor:
-        return None
-    return sorted(holders[winner])[0], winner
+    choice: Choice
+    heal: bool
+    candidates: tuple[str, ...]
+    min_round: int  # the oldest round that is still a catch-up (heal: our own)
 
 
 def choose_source(
-    peers: dict[str, Any],
-    live: set[str],
+    peers: Mapping[str, Any],
+    live: Collection[str],
+    addresses: Mapping[str, str],
     *,
     cohort: str,
     my_round: int,
     my_step: int,
-    merged: bool,
     my_anchor: str,
-) -> tuple[str, str] | None:
-    """(peer, anchor hash to expect or "") to load state from, or None to carry on.
+    fresh: bool,
+    merged: bool,
+    max_round: int,
+    max_steps_per_round: int,
+    min_steps_per_round: int = 0,
+    verified: Collection[str] = (),
+    quorum: int = 2,
+    refused: Callable[[str, str, str], None] = lambda kind, peer, why: None,
+) -> Decision | None:
+    """The state to load (``swarmnode.trust`` rules), or None to carry on.
 
-    A fresh node, or one two or more rounds behind, loads from the peer with the newest round (one
-    round behind is ordinary skew and merges normally); a replica whose anchor lost the majority
-    vote after a merge re-syncs to the winner.
+    ``peers`` are presences (an observer, which just loaded its state, offers nothing); offers
+    from live cohort peers whose (round, step) fails
+    ``trust.check_claim`` are dropped and reported as ``refused("claim", peer, why)``. A fresh node,
+    or one two or more rounds behind, catches up to the newest *attested* newer state (support from
+    ``quorum`` distinct network groups, or verified peers). When the cohort's state at or past our
+    round is attested and not that far ahead, newer unattested offers (Sybils claiming a newer
+    round) are not even pulled: ``refused("unattested", ...)``. When nothing is attested, the best
+    unattested newer state is returned (``choice.attested`` False): the caller must re-attest it or
+    probe it before loading. A replica that merged and whose anchor lost the re-sync vote
+    (``trust.choose_resync``) re-syncs (again attested, or only after a probe). Identities count
+    for nothing: 4 Sybils from one /24 count as one group.
     """
-    source = pick_source(peers, my_round, cohort, live.__contains__)
-    if source is not None:
-        fresh = my_step == 0 and my_round == 0
-        if fresh or int(peers[source].round) >= my_round + 2:
-            return source, ""
+    alive = set(live)
+    offers: list[Offer] = []
+    for peer, presence in peers.items():
+        if presence is None or peer not in alive or getattr(presence, "cohort", None) != cohort:
+            continue
+        if getattr(presence, "status", "active") == "observing":
+            continue  # it just copied its state from someone: an echo, not a second witness
+        anchor = getattr(presence, "anchor_hash", "")
+        rnd, step = getattr(presence, "round", -1), getattr(presence, "step", -1)
+        if not isinstance(anchor, str) or not anchor or not isinstance(rnd, int) or rnd < my_round:
+            continue
+        why = check_claim(
+            rnd,
+            step,
+            my_round=my_round,
+            my_step=my_step,
+            max_round=max_round,
+            max_steps_per_round=max_steps_per_round,
+            min_steps_per_round=min_steps_per_round,
+        )
+        if why is not None:
+            refused("claim", peer, why)
+            continue
+        offers.append(Offer(peer, rnd, int(step), anchor))
+
+    # one round behind is ordinary skew and merges normally
+    min_round = my_round + 1 if fresh else my_round + 2
+    kw: dict[str, Any] = {"verified": verified, "quorum": quorum, "max_round": max_round}
+    ahead = [o for o in offers if o.round >= min_round]
+    near = choose_donor(offers, addresses, my_round=my_round, **kw)
+    far = choose_donor(ahead, addresses, my_round=min_round, **kw)
+    if near is not None and near.attested and near.round < min_round:
+        if far is not None:  # newer than what the cohort attests: not even pulled
+            refused(
+                "unattested",
+                far.donors[0],
+                f"round {far.round} anchor {far.anchor_hash[:12]}: support {far.support} < quorum "
+                f"{quorum}, while round {near.round} is attested",
+            )
+    elif far is not None:
+        everyone = choose_donor(
+            [Offer(o.peer, min_round, o.step, "any") for o in ahead], addresses, my_round=min_round, **kw
+        )
+        candidates = everyone.donors if everyone is not None else far.donors
+        return Decision(far, heal=False, candidates=candidates, min_round=min_round)
     if merged:
-        return pick_majority_anchor(peers, my_round, my_anchor, cohort, live.__contains__)
+        resync = choose_resync(
+            offers, addresses, verified=verified, my_round=my_round, my_anchor=my_anchor, quorum=quorum
+        )
+        if resync is not None:
+            return Decision(resync, heal=True, candidates=resync.donors, min_round=my_round)
     return None

@@ -9,7 +9,9 @@ is applied: every replica that merged the same contributions lands on the same a
 inner steps taken while collecting are carried over (θ ← anchor' + (θ − θ_published)). The trainer
 only waits when round r+1 ends before round r's collection did: that wait is ``blocked_s``.
 
-Also here: the snapshot served to joiners, joiner catch-up and majority re-sync (``catchup``).
+Also here: the snapshot served to joiners, joiner catch-up and majority re-sync (``catchup``),
+loading only states a quorum of distinct networks attests, or that pass the node's local probe
+(``swarmnode.trust``); every refused offer or state is counted (``catchup/refused_*``).
 Depends on the host, the membership table and the outer optimizer; never on the node.
 """
 
@@ -17,23 +19,30 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import tempfile
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from swarmnode.compression.pseudograd import max_encoded_size
+from swarmnode.exchange.addresses import remote_addresses
 from swarmnode.exchange.base import BaseExchange, Host, Traffic, receive_loop
 from swarmnode.exchange.catchup import (
     STATE_PROTOCOL,
+    Decision,
     StateServer,
     StateTransfer,
     choose_source,
     expected_layout,
     load_state_file,
+    request_manifest,
     snapshot_of,
 )
 from swarmnode.exchange.collect import Inbox, admit, collect_round
@@ -41,6 +50,7 @@ from swarmnode.exchange.merge import Contribution, check_delta, merge
 from swarmnode.membership import Membership
 from swarmnode.protocol import RoundManifest, codec, topics
 from swarmnode.rounds import RoundClock, RoundsConfig
+from swarmnode.trust import Choice, Offer, accept_probe, check_claim, choose_donor
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +65,22 @@ MAX_WEIGHT_OVER_MEDIAN = 4.0
 MIN_STATE_THROUGHPUT = 4e6
 # A channel that failed this many rounds in a row is reported as failing (status, metrics).
 FAILING_AFTER = 3
+# A state is attested by this many distinct network groups (or verified peers) behind it
+# (``swarmnode.trust``); an unattested one is loaded only after the local probe, at most one per
+# UNATTESTED_RETRY_S, and only if its held-out reward is within PROBE_TOLERANCE of ours.
+CATCHUP_QUORUM = 2
+UNATTESTED_RETRY_S = 60.0
+PROBE_TOLERANCE = 0.1
+# Refused offers and distrusted anchors remembered (each refusal counted once).
+REFUSED_MEMORY = 1024
+# Presences are seconds old, rounds can be shorter: when they attest nothing, up to LIVE_ASK
+# candidates are asked for their current state manifest (a small request), at most once per
+# LIVE_RETRY_S, each answer awaited LIVE_TIMEOUT_S.
+LIVE_ASK = 8
+LIVE_RETRY_S = 1.0
+LIVE_TIMEOUT_S = 5.0
+LIVE_TRIES = 4  # answers that disagree (replicas mid-merge) are asked again, LIVE_SPACING_S apart
+LIVE_SPACING_S = 0.25
 
 
 @dataclass(slots=True)
@@ -84,6 +110,9 @@ class DiLoCoExchange(BaseExchange):
         scratch_dir: Path | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        probe: Callable[[], float] | None = None,
+        probe_tolerance: float = PROBE_TOLERANCE,
+        quorum: int = CATCHUP_QUORUM,
     ) -> None:
         self.config = config
         self.host = host
@@ -127,6 +156,19 @@ class DiLoCoExchange(BaseExchange):
         self.catchup_failures_in_row = 0
         self.last_catchup_error = ""
         self.catchup_s = float("nan")
+        # Trust in a donor's state (``maybe_catch_up``): ``probe()`` is the held-out reward of the
+        # weights loaded now (run in a worker thread; None: unattested states are refused).
+        self.probe = probe
+        self.probe_tolerance = float(probe_tolerance)
+        self.quorum = int(quorum)
+        self.refusals: dict[str, int] = {}  # claim / unattested / probe / state -> count
+        self.last_refusal = ""
+        self.loads_attested = self.loads_probed = 0
+        self.probe_rewards = (float("nan"), float("nan"))  # (ours, the candidate's) at the last probe
+        self._refused: OrderedDict[tuple[str, str, str], None] = OrderedDict()
+        self._distrusted: OrderedDict[str, None] = OrderedDict()
+        self._probe_after = float("-inf")
+        self._live_after = float("-inf")
         self.clipped = 0
         self.samples_since_publish = 0
         self._inboxes: dict[int, Inbox] = {}
@@ -394,21 +436,12 @@ class DiLoCoExchange(BaseExchange):
         self.anchor_hash = snap.anchor_hash
         self.state_server.update(snap)
 
-    def _donors(self, source: str, plausible: dict[str, Any]) -> list[str]:
-        """``source`` first, then every other live peer advertising the same round and anchor: a
-        transfer that loses its donor resumes from them."""
-        first = plausible[source]
+    def _donors(self, choice: Choice) -> list[str]:
+        """Whom to ask for the chosen state, in ``trust``'s order (verified peers first, one per
+        network group first), live ones only, at most 4: a transfer that loses its donor resumes
+        from the next one with the chunks it has."""
         live = set(self.members.live_peers())
-        others = sorted(
-            p
-            for p, r in plausible.items()
-            if p != source
-            and p in live
-            and getattr(r, "cohort", None) == self.cohort
-            and int(getattr(r, "round", -1)) == int(first.round)
-            and getattr(r, "anchor_hash", "") == getattr(first, "anchor_hash", "")
-        )
-        return [source, *others]
+        return [p for p in choice.donors if p in live][:4]
 
     def _plausible_step(self, manifest: Any, step: int) -> int:
         """The step a joiner continues from: the donor's, if it fits the donor's round (step rounds:
@@ -422,56 +455,240 @@ class DiLoCoExchange(BaseExchange):
             raise ValueError(f"donor's step {donor_step} does not fit its round {rnd} (H={H})")
         return max(step, donor_step)
 
+    def _max_steps_per_round(self) -> int:
+        """Steps a round can take (``trust.check_claim``): step rounds H, plus a round of overlap;
+        wall-clock rounds have no step schedule (and a joiner keeps its own step count there)."""
+        if self.clock_rounds is not None:
+            return 1 << 40
+        return 2 * self.config.merge_every
+
+    def _refuse(self, kind: str, peer: str, why: str) -> None:
+        """Count a refused offer or state once per (kind, peer, reason): a presence repeated every
+        step is one rejection, a new lie another."""
+        key = (kind, peer, why[:160])
+        if key in self._refused:
+            self._refused.move_to_end(key)
+            return
+        self._refused[key] = None
+        while len(self._refused) > REFUSED_MEMORY:
+            self._refused.popitem(last=False)
+        self.refusals[kind] = self.refusals.get(kind, 0) + 1
+        self.last_refusal = f"{kind} from {peer[:16]}: {why}"[:300]
+        log.info("catch-up refused %s", self.last_refusal)
+
+    def _distrust(self, anchor_hash: str) -> None:
+        self._distrusted[anchor_hash] = None
+        while len(self._distrusted) > REFUSED_MEMORY:
+            self._distrusted.popitem(last=False)
+
     async def maybe_catch_up(self, step: int) -> int:
-        """A fresh node, or one two or more rounds behind, loads the cohort state from a peer that
-        advertises a newer round; a replica whose anchor lost the majority vote re-syncs to the winner.
-        Returns the step to continue from (a joiner adopts the cohort's step; it never goes back)."""
+        """A fresh node, or one two or more rounds behind, loads the cohort state a quorum of
+        distinct network groups (or verified peers) attests; a replica whose anchor lost the re-sync
+        vote loads the winner (``catchup.choose_source``, ``swarmnode.trust``). Presences are
+        seconds old: when they attest nothing, or the chosen donors moved on, the candidates' current
+        state manifests are asked for and attest instead. An unattested state is loaded only if the
+        local probe passes, and rolled back otherwise. Every refusal is counted
+        (``catchup/refused_*``); nothing a donor sends ends the node. Returns the step to continue
+        from (a joiner adopts the cohort's step; it never goes back)."""
         if self._pending is not None:
             return step  # decide once the round in flight is merged
         limit = self.max_plausible_round()
-        plausible = {
-            p: r for p, r in self.members.presences().items() if int(getattr(r, "round", 0)) <= limit
-        }
-        choice = choose_source(
-            plausible,
-            set(self.members.live_peers()),
+        max_steps = self._max_steps_per_round()
+        decision = choose_source(
+            self.members.plausible_presences(),
+            self.members.live_peers(),
+            remote_addresses(self.host),
             cohort=self.cohort,
             my_round=self.round,
             my_step=step,
-            merged=self.merges > 0,
             my_anchor=self.anchor_hash,
+            fresh=step == 0 and self.round == 0,
+            merged=self.merges > 0,
+            max_round=limit,
+            max_steps_per_round=max_steps,
+            min_steps_per_round=0 if self.clock_rounds is not None else self.config.merge_every,
+            verified=self.members.contributors(),
+            quorum=self.quorum,
+            refused=self._refuse,
         )
-        if choice is None:
+        if decision is None:
             return step
-        source, target = choice
+        choice: Choice | None = decision.choice
+        asked = False
+        if choice is not None and not choice.attested and not decision.heal:
+            choice, asked = await self._attest_live(decision, step, limit, max_steps, decision.choice), True
+        for _attempt in range(2):
+            if choice is None or (not choice.attested and not self._may_probe(choice, decision.heal)):
+                return step
+            moved, step = await self._load_from(choice, decision.heal, step, limit, max_steps)
+            if not moved or asked or decision.heal:
+                return step
+            # every donor merged since its presence: what do they serve now?
+            choice, asked = await self._attest_live(decision, step, limit, max_steps, None), True
+        return step
+
+    async def _attest_live(
+        self, decision: Decision, step: int, limit: int, max_steps: int, fallback: Choice | None
+    ) -> Choice | None:
+        """The state the candidates serve right now (their state manifests, asked concurrently):
+        attested when ``quorum`` network groups serve the same one. At most once per
+        ``LIVE_RETRY_S``; otherwise, or when nobody answers, ``fallback``."""
+        if self.clock() < self._live_after:
+            return fallback
+        self._live_after = self.clock() + LIVE_RETRY_S
+        peers = list(decision.candidates[:LIVE_ASK])
+        my_round = self.round
+
+        async def ask(peer: str) -> Offer | None:
+            try:
+                m = await asyncio.wait_for(request_manifest(self.host, self.cohort, peer), LIVE_TIMEOUT_S)
+                rnd, donor_step, anchor = int(m.round), int(m.step), str(m.anchor_hash)
+            except Exception:  # a peer that does not answer attests nothing
+                return None
+            why = check_claim(
+                rnd,
+                donor_step,
+                my_round=my_round,
+                my_step=step,
+                max_round=limit,
+                max_steps_per_round=max_steps,
+            )
+            if why is not None:
+                self._refuse("claim", peer, why)
+                return None
+            return Offer(peer, rnd, donor_step, anchor)
+
+        # Replicas merge a round at slightly different moments: answers that disagree are asked
+        # again a few times, and a state counts every group seen serving it in these tries.
+        seen: dict[tuple[str, int, str], Offer] = {}
+        latest: dict[str, tuple[int, str]] = {}
+        live: Choice | None = None
+        addresses: dict[str, str] = {}
+        for attempt in range(LIVE_TRIES):
+            if attempt:
+                await asyncio.sleep(LIVE_SPACING_S)
+            for o in await asyncio.gather(*(ask(p) for p in peers)):
+                if o is not None:
+                    seen[(o.peer, o.round, o.anchor_hash)] = o
+                    latest[o.peer] = (o.round, o.anchor_hash)
+            addresses = remote_addresses(self.host)
+            live = choose_donor(
+                list(seen.values()),
+                addresses,
+                verified=self.members.contributors(),
+                my_round=decision.min_round,
+                max_round=limit,
+                quorum=self.quorum,
+            )
+            if live is None or live.attested or len(latest) < 2:
+                break
+        if live is not None:  # who serves it now first
+            now = [p for p in live.donors if latest.get(p) == (live.round, live.anchor_hash)]
+            live = dataclasses.replace(live, donors=(*now, *(p for p in live.donors if p not in now)))
+        log.info(
+            "state manifests asked of %d candidates: %d answers (%d distinct states, %d peers at known "
+            "addresses); best: %s",
+            len(peers),
+            len(seen),
+            len({(r, a) for _, r, a in seen}),
+            sum(1 for p in latest if p in addresses),
+            "none" if live is None else f"round {live.round} support {live.support}",
+        )
+        if live is None or (not live.attested and fallback is not None and fallback.support > live.support):
+            return fallback
+        return live
+
+    def _may_probe(self, choice: Choice, heal: bool) -> bool:
+        """Whether an unattested state may be pulled and probed now (counted when not)."""
+        why = ""
+        if self.probe is None:
+            why = "no local probe to check it"
+        elif choice.anchor_hash in self._distrusted:
+            why = "its probe failed before"
+        elif self.clock() < self._probe_after:
+            why = f"one probed state per {UNATTESTED_RETRY_S:g} s"
+        if why:
+            self._refuse(
+                "unattested",
+                choice.donors[0] if choice.donors else "",
+                f"{'re-sync' if heal else 'catch-up'} to round {choice.round} anchor {choice.anchor_hash[:12]}: "
+                f"support {choice.support} < quorum {self.quorum} ({why})",
+            )
+            return False
+        # An unattested state costs a full transfer and two probes: at most one per interval.
+        self._probe_after = self.clock() + UNATTESTED_RETRY_S
+        return True
+
+    async def _load_from(
+        self, choice: Choice, heal: bool, step: int, limit: int, max_steps: int
+    ) -> tuple[bool, int]:
+        """Pull the chosen state from its donors and load it (after the probe when unattested).
+        Returns (every donor had moved on to another state, the step to continue from)."""
+        donors = self._donors(choice)
+        if not donors:
+            return False, step
         t0 = self.clock()
-        donors = self._donors(source, plausible)
         path = self.scratch_dir / f"state-{self.cohort[:16]}-{self.me[-12:]}.part"
         transfer = StateTransfer(self.host, self.cohort, path, expected_layout(self.diloco))
         # Long enough for the whole state at a slow volunteer link (4 GB at 0.5 B params).
         timeout = max(self.config.collect_seconds * 4, transfer.max_total / MIN_STATE_THROUGHPUT)
+        my_round = self.round
+
+        def check(manifest: Any) -> None:
+            """The donor's state manifest, before any index or chunk is pulled."""
+            if manifest.anchor_hash != choice.anchor_hash or int(manifest.round) != choice.round:
+                raise _MovedOn(f"serves round {manifest.round} anchor {str(manifest.anchor_hash)[:12]}")
+            why = check_claim(
+                int(manifest.round),
+                int(manifest.step),
+                my_round=my_round,
+                my_step=step,
+                max_round=limit,
+                max_steps_per_round=max_steps,
+            )
+            if why is not None:
+                raise _Implausible(why)
+            if not heal:
+                try:
+                    self._plausible_step(manifest, step)
+                except ValueError as exc:
+                    raise _Implausible(str(exc)) from None
+
         manifest = None
+        moved = 0
         errors: list[str] = []
         try:
-            for donor in donors[:4]:
+            for donor in donors:
                 try:
-                    manifest, index = await asyncio.wait_for(transfer.pull(donor), timeout)
+                    manifest, index = await asyncio.wait_for(transfer.pull(donor, check), timeout)
+                except _MovedOn as exc:
+                    moved += 1
+                    errors.append(f"{donor[:16]}: moved on ({exc})")
+                    manifest = None
+                    continue
+                except _Implausible as exc:
+                    self._refuse("claim", donor, str(exc))
+                    errors.append(f"{donor[:16]}: {exc}")
+                    manifest = None
+                    continue
                 except Exception as exc:  # nothing a donor sends or fails to send may end the node
                     errors.append(f"{donor[:16]}: {_reason(exc)}")
                     manifest = None
                     continue
-                if target and manifest.anchor_hash != target:
-                    return step  # the peer moved on since its presence; the next presence decides again
-                if not self.round <= int(manifest.round) <= limit:
-                    errors.append(
-                        f"{donor[:16]}: state for round {manifest.round}, outside [{self.round}, {limit}]"
-                    )
-                    manifest = None
-                    continue
+                new_step = step if heal else self._plausible_step(manifest, step)
                 try:
-                    new_step = self._plausible_step(manifest, step)
-                    await asyncio.to_thread(self._load_file, path, index, manifest.anchor_hash)
-                except Exception as exc:
+                    # check() made sure the donor serves the chosen anchor
+                    if choice.attested:
+                        await asyncio.to_thread(self._load_file, path, index, choice.anchor_hash)
+                    else:
+                        verdict = await asyncio.to_thread(self._load_probed, path, index, choice.anchor_hash)
+                        if verdict is not None:  # the probe failed: our own state is back
+                            self._distrust(choice.anchor_hash)
+                            self._refuse("probe", donor, verdict)
+                            self.last_catchup_error = f"{donor[:16]}: {verdict}"[:400]
+                            return False, step
+                except Exception as exc:  # wrong shapes, non-finite values, a lying anchor hash
+                    self._refuse("state", donor, _reason(exc))
                     errors.append(f"{donor[:16]}: {_reason(exc)}")
                     manifest = None
                     transfer.discard()
@@ -481,16 +698,22 @@ class DiLoCoExchange(BaseExchange):
             transfer.discard()
             self.blocked_s += self.clock() - t0
         if manifest is None:
+            if moved == len(donors):
+                return True, step  # every donor merged since its presence
             self.traffic.dropped += 1
             self.catchup_failures += 1
             self.catchup_failures_in_row += 1
             self.last_catchup_error = "; ".join(errors)[:400] or "no donor answered"
             log.warning("catch-up failed: %s", self.last_catchup_error)
-            return step
+            return False, step
         self.catchup_failures_in_row = 0
         self.catchup_s = self.clock() - t0
         self.round = int(manifest.round)
-        if target:
+        if choice.attested:
+            self.loads_attested += 1
+        else:
+            self.loads_probed += 1
+        if heal:
             self.heals += 1
         else:
             self.catchups += 1
@@ -499,19 +722,57 @@ class DiLoCoExchange(BaseExchange):
         self.samples_since_publish = 0
         self._inboxes = {r: v for r, v in self._inboxes.items() if r > self.round}
         await self._refresh()
-        if not target:
+        if not heal:
             # The snapshot is the anchor after round r while the cohort may already be collecting
             # round r+1 from it: merge that round with them (our Δ would be empty) so we land on the
             # anchor they land on, then take part from the round after.
             nxt = self.round + 1
             task = self._tg.create_task(self._collect(nxt, self.clock() + self.config.collect_seconds))
             self._pending = _Pending(nxt, task)
-        log.info("caught up from %s: round %d step %d", source, manifest.round, manifest.step)
-        return step
+        log.info(
+            "%s from %s: round %d step %d (%s, support %d)",
+            "re-synced" if heal else "caught up",
+            donor,
+            manifest.round,
+            manifest.step,
+            "attested" if choice.attested else "probed",
+            choice.support,
+        )
+        return False, step
 
     def _load_file(self, path: Path, index: Any, anchor_hash: str) -> None:
         load_state_file(self.diloco, path, index, anchor_hash=anchor_hash)
         self.on_weights()
+
+    def _load_probed(self, path: Path, index: Any, anchor_hash: str) -> str | None:
+        """Load an unattested state only if the probe (held-out reward) on it is not worse than on
+        our own weights by more than ``probe_tolerance``; otherwise put our own state back (anchor,
+        momentum, live weights). Returns why it was refused, or None when it is loaded. Holds one
+        copy of our state meanwhile (anchor, momentum, weights)."""
+        assert self.probe is not None
+        try:
+            own = float(self.probe())
+        except Exception as exc:  # our own probe failing says nothing about the donor
+            log.warning("probe of our own weights failed: %s", _reason(exc))
+            own = float("nan")
+        saved = self.diloco.state_dict()
+        local = self.diloco.local_snapshot()
+        load_state_file(self.diloco, path, index, anchor_hash=anchor_hash)  # checks before changing
+        try:
+            self.on_weights()
+            candidate = float(self.probe())
+            why = f"held-out reward {candidate:.4g} vs ours {own:.4g} (tolerance {self.probe_tolerance:g})"
+        except Exception as exc:
+            candidate, why = float("nan"), f"probe failed on it: {_reason(exc)}"
+        self.probe_rewards = (own, candidate)
+        if accept_probe(own, candidate, tolerance=self.probe_tolerance):
+            return None
+        self.diloco.load_state_dict(saved, reset_local=False)
+        with torch.no_grad():
+            for name, p in self.diloco.params.items():
+                p.copy_(local[name].to(device=p.device, dtype=p.dtype))
+        self.on_weights()
+        return f"probe refused the state: {why}"
 
     def health(self) -> str:
         """ "ok", or what keeps failing: what the status table, metrics and MQTT show."""
@@ -533,6 +794,12 @@ class DiLoCoExchange(BaseExchange):
             "diloco_delta_bytes": self.delta_bytes,
             "diloco_blob_cap": self.max_blob_bytes,
             "catchup_failures": self.catchup_failures,
+            **{
+                f"catchup/refused_{k}": self.refusals.get(k, 0)
+                for k in ("claim", "unattested", "probe", "state")
+            },
+            "catchup/attested_loads": self.loads_attested,
+            "catchup/probed_loads": self.loads_probed,
             "catchup_s": self.catchup_s,
             "round": self.round,
             "anchor_hash": self.anchor_hash,
@@ -545,6 +812,14 @@ class DiLoCoExchange(BaseExchange):
             "diloco_blocked_s": round(self.blocked_s, 4),
             **self.traffic.as_dict("diloco"),
         }
+
+
+class _MovedOn(Exception):
+    """The donor serves another state than the one chosen (it merged since its presence)."""
+
+
+class _Implausible(Exception):
+    """The donor's state manifest claims a round or step that cannot be true."""
 
 
 def _reason(exc: BaseException) -> str:
