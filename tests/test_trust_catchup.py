@@ -380,3 +380,34 @@ def test_stale_presences_are_re_attested_by_the_donors_current_state() -> None:
     assert (joiner.ex.catchups, joiner.ex.round) == (1, 6)
     assert joiner.ex.anchor_hash == donors[1].anchor
     assert joiner.stats()["catchup/attested_loads"] == 1
+
+
+def test_remote_addresses_from_the_host_or_from_libp2p_connections() -> None:
+    from types import SimpleNamespace
+
+    from swarmnode.exchange.addresses import remote_addresses
+
+    bus = Bus()
+    a, b = FakeHost(bus, "peerA", "198.51.100.7:1"), FakeHost(bus, "peerB", "203.0.113.9:2")
+    assert remote_addresses(a) == {"peerB": "203.0.113.9:2"}
+    assert remote_addresses(b) == {"peerA": "198.51.100.7:1"}
+
+    # swarmnode.p2p.Host: read from py-libp2p's connection table (what Swarm.get_connections_map
+    # and each SwarmConn.muxed_conn.get_remote_address() return)
+    def conn(where: Any) -> Any:
+        return SimpleNamespace(muxed_conn=SimpleNamespace(get_remote_address=lambda: where))
+
+    class pid(str):  # stands in for libp2p's ID (hashable, to_base58)
+        def to_base58(self) -> str:
+            return str(self)
+
+    table = {pid("QmV4"): [conn(("198.51.100.7", 4001))], pid("QmV6"): [conn(None), conn(("2001:db8::1", 7))]}
+    network = SimpleNamespace(get_connections_map=lambda: table)
+    host = SimpleNamespace(_trio=SimpleNamespace(host=SimpleNamespace(get_network=lambda: network)))
+    assert remote_addresses(host) == {"QmV4": "198.51.100.7:4001", "QmV6": "[2001:db8::1]:7"}
+    assert remote_addresses(SimpleNamespace(_trio=None)) == {}  # not open yet
+
+    def broken() -> Any:
+        raise RuntimeError("dictionary changed size during iteration")
+
+    assert remote_addresses(SimpleNamespace(remote_addresses=broken)) == {}
