@@ -153,8 +153,11 @@ class Node:
         row: dict[str, Any] = {"step": self.step, "reward": self.last_reward, "eval_acc": self.last_eval}
         row.update(self.membership.statistics())
         if self.host_statistics is not None:
+            host = self.host_statistics()
             # pseudo-gradient and state blobs our peers pulled from us (served by the p2p host)
-            row["blob_bytes_served"] = int(self.host_statistics().get("blobs", {}).get("served_bytes", 0))
+            row["blob_bytes_served"] = int(host.get("blobs", {}).get("served_bytes", 0))
+            # "public <multiaddr>", "behind NAT[, reachable through relay X]" or "unknown"
+            row["reachability"] = str(host.get("reachability", "unknown"))
         for ex in self.exchanges:
             row.update(ex.statistics())
         sent = sum(v for k, v in row.items() if k.endswith("/bytes_sent"))

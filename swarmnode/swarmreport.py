@@ -36,11 +36,21 @@ def _kind(n: NodeProc) -> str:
     return " ".join(x for x in (n.cohort, n.note) if x) or "-"
 
 
+def health(row: dict[str, Any]) -> str:
+    """ "ok", or which channel keeps failing and why (``demo_health``, ``diloco_health``)."""
+    problems = [
+        f"{label}: {row[key]}"
+        for key, label in (("demo_health", "demo"), ("diloco_health", "merge"))
+        if row.get(key) not in (None, "ok")
+    ]
+    return "; ".join(problems) or "ok"
+
+
 def status_table(nodes: list[NodeProc]) -> str:
     width = max([len(_kind(n)) for n in nodes] + [6])
     lines = [
         f"{'node':>4} {'cohort':<{width}} {'state':>7} {'step':>5} {'reward':>7} {'acc':>6} {'peers':>5} "
-        f"{'ext':>5} {'merges':>6}"
+        f"{'ext':>5} {'merges':>6} health"
     ]
     for n in nodes:
         rows = read_metrics(n.metrics_path)
@@ -52,7 +62,7 @@ def status_table(nodes: list[NodeProc]) -> str:
             f"{n.index:>4} {_kind(n):<{width}} {state:>7} {_fmt(last.get('step'), 'd'):>5} "
             f"{_fmt(last.get('reward'), '.3f'):>7} {_fmt(accs[-1] if accs else None, '.3f'):>6} "
             f"{_fmt(last.get('peers'), 'd'):>5} {_fmt(last.get('external_groups'), 'd'):>5} "
-            f"{_fmt(last.get('merges'), 'd'):>6}"
+            f"{_fmt(last.get('merges'), 'd'):>6} {health(last)[:60]}"
         )
     return "\n".join(lines)
 

@@ -307,3 +307,12 @@ def test_throttle_slows_a_process_by_its_factor(tmp_path: Path) -> None:
     outs = [int(p.communicate(timeout=30)[0]) for p in procs]
     throttle.stop()
     assert outs[1] < 0.6 * outs[0]  # about a third; generous for a loaded machine
+
+
+def test_the_status_table_says_which_channel_keeps_failing() -> None:
+    from swarmnode.swarmreport import health
+
+    assert health({"demo_health": "ok", "diloco_health": "ok"}) == "ok"
+    assert health({}) == "ok"
+    bad = health({"demo_health": "ok", "diloco_health": "merges incomplete 3 rounds in a row (window)"})
+    assert bad == "merge: merges incomplete 3 rounds in a row (window)"
