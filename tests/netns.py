@@ -171,6 +171,10 @@ table ip filter {{
         _run("tc", "qdisc", "replace", "dev", dev, "root", "tbf", "rate", rate, "burst", burst, "latency", "50ms",
              ns=where.ns)  # fmt: skip
 
+    def cut(self, where: Endpoint) -> None:
+        """Unplug a public host's link: its peers get no FIN or RST, as when a machine loses power."""
+        _run("ip", "link", "set", "eth0", "down", ns=where.ns)
+
     def start_node(self, where: Endpoint, data_dir: Path, **options: object) -> NodeProcess:
         node = start_netns_node(where, data_dir, **options)
         self.nodes.append(node)

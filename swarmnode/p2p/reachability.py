@@ -13,6 +13,7 @@ the latest verdict of each (at most MAX_VERDICTS) decides: "behind NAT" if any p
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
@@ -137,7 +138,8 @@ class Reachability:
         except Exception as exc:  # a bad request costs the requester its answer, nothing else
             log.debug("dial-back request from %s failed: %r", peer, exc)
         finally:
-            with trio.move_on_after(1.0):
+            # A raise out of a stream handler would take the host down: the requester may have reset it.
+            with trio.move_on_after(1.0), contextlib.suppress(Exception):
                 await stream.close()
 
     # -- client -----------------------------------------------------------------------------------------

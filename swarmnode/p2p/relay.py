@@ -21,6 +21,7 @@ loses (relay gone, restarted, or expired) within CHECK_S.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -29,6 +30,8 @@ from typing import Any
 import multiaddr
 import trio
 from libp2p.abc import INotifee
+from libp2p.host.ping import ID as PING_PROTOCOL
+from libp2p.host.ping import perform_ping_roundtrip
 from libp2p.peer.id import ID
 from libp2p.relay.circuit_v2.config import RelayConfig, RelayRole
 from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
@@ -68,6 +71,12 @@ DIRECT_DIAL_S = 10.0
 # A peer reached only through a relay is dialled through one first for this long.
 RELAYED_FIRST_S = 600.0
 MAX_REMEMBERED = 4096
+# A relay that vanishes without closing its connections (power cut, link loss) is not noticed by TCP for
+# ~15 minutes (py-libp2p sets no keepalive): each reserved relay is pinged this often, and its connection
+# is closed after PING_FAILURES missed pongs (so a dead relay is dropped within ~15 s).
+PING_S = 5.0
+PING_TIMEOUT_S = 5.0
+PING_FAILURES = 2
 
 
 class Relay:
@@ -96,6 +105,12 @@ class Relay:
         # other at once (TCP simultaneous open from the listen port); the library drives it by itself for
         # every relayed connection and closes the relayed one 60 s after a direct one verifies.
         self.dcutr = DCUtRProtocol(host, dial_timeout=5) if hole_punching else None
+        # An exception out of a stream handler tears down the connection's nursery and with it the host; the
+        # library's handlers can raise while closing a stream that was reset. The services register these
+        # attributes when they start, so the guarded versions are the ones that run.
+        self.protocol._handle_stop_stream = _guarded(self.protocol._handle_stop_stream)  # type: ignore[method-assign]
+        if self.dcutr is not None:
+            self.dcutr._handle_dcutr_stream = _guarded(self.dcutr._handle_dcutr_stream)  # type: ignore[method-assign]
         self.reserved: dict[ID, float] = {}  # relay -> when reserved
         self._refused: dict[ID, tuple[float, float]] = {}  # peer -> (when it refused, cooldown)
         self._relayed_first: dict[ID, float] = {}  # peer -> when only a relay reached it
@@ -107,11 +122,13 @@ class Relay:
             "direct_connects": 0,
             "connect_failures": 0,
             "bytes_relayed": 0,
+            "relays_dropped_silent": 0,
         }
+        self._missed_pongs: dict[ID, int] = {}
         self._count_relayed_bytes()
         host.get_network().register_notifee(_RelayLost(self))
         # Handlers are set before the host runs: a peer may try either protocol as soon as it connects.
-        host.set_stream_handler(HOP_PROTOCOL, self._handle_hop)
+        host.set_stream_handler(HOP_PROTOCOL, _guarded(self._handle_hop))
         host.set_stream_handler(STOP_PROTOCOL_ID, self.protocol._handle_stop_stream)
 
     def _count_relayed_bytes(self) -> None:
@@ -183,12 +200,46 @@ class Relay:
 
     # -- reservations (NATed side) -------------------------------------------------------------------------
     async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._ping_relays)
+            while True:
+                try:
+                    await self._keep_reservations()
+                except Exception:  # the loop must outlive any one relay's misbehaviour
+                    log.exception("relay reservation round failed; retrying")
+                await trio.sleep(CHECK_S)
+
+    async def _ping_relays(self) -> None:
         while True:
-            try:
-                await self._keep_reservations()
-            except Exception:  # the loop must outlive any one relay's misbehaviour
-                log.exception("relay reservation round failed; retrying")
-            await trio.sleep(CHECK_S)
+            await trio.sleep(PING_S)
+            async with trio.open_nursery() as nursery:
+                for relay in list(self.reserved):
+                    nursery.start_soon(self._ping, relay)
+            for relay in [r for r in self._missed_pongs if r not in self.reserved]:
+                del self._missed_pongs[relay]
+
+    async def _ping(self, relay: ID) -> None:
+        try:
+            with trio.fail_after(PING_TIMEOUT_S):
+                stream = await self.host.new_stream(relay, [PING_PROTOCOL])
+                try:
+                    await perform_ping_roundtrip(stream)
+                finally:
+                    with trio.move_on_after(1.0):
+                        await stream.close()
+        except Exception as exc:  # silent, slow or gone: count it
+            missed = self._missed_pongs.get(relay, 0) + 1
+            self._missed_pongs[relay] = missed
+            log.debug("ping to relay %s failed (%d in a row): %r", relay, missed, exc)
+            if missed >= PING_FAILURES:
+                log.info("relay %s stopped answering; closing its connection", relay)
+                self.stats["relays_dropped_silent"] += 1
+                self._missed_pongs.pop(relay, None)
+                self.lost(relay)
+                with trio.move_on_after(2.0), contextlib.suppress(Exception):
+                    await self.host.disconnect(relay)
+            return
+        self._missed_pongs.pop(relay, None)
 
     async def _keep_reservations(self) -> None:
         connected = set(self.host.get_connected_peers())
@@ -311,6 +362,18 @@ class Relay:
                 log.info("connected to %s through relay %s", peer, relay)
                 return True
         return False
+
+
+def _guarded(handler: Callable[[Any], Awaitable[None]]) -> Callable[[Any], Awaitable[None]]:
+    async def guarded(stream: Any) -> None:
+        try:
+            await handler(stream)
+        except Exception as exc:  # the peer reset the stream or went away: its stream ends, nothing else
+            log.debug("%s: %r", getattr(handler, "__name__", "handler"), exc)
+            with contextlib.suppress(Exception):
+                await stream.reset()
+
+    return guarded
 
 
 class _RelayLost(INotifee):
