@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import multiaddr
@@ -108,9 +108,9 @@ class Relay:
         # An exception out of a stream handler tears down the connection's nursery and with it the host; the
         # library's handlers can raise while closing a stream that was reset. The services register these
         # attributes when they start, so the guarded versions are the ones that run.
-        self.protocol._handle_stop_stream = _guarded(self.protocol._handle_stop_stream)  # type: ignore[method-assign]
+        self.protocol._handle_stop_stream = _guarded(self.protocol._handle_stop_stream)  # type: ignore[method-assign,assignment]
         if self.dcutr is not None:
-            self.dcutr._handle_dcutr_stream = _guarded(self.dcutr._handle_dcutr_stream)  # type: ignore[method-assign]
+            self.dcutr._handle_dcutr_stream = _guarded(self.dcutr._handle_dcutr_stream)  # type: ignore[method-assign,assignment]
         self.reserved: dict[ID, float] = {}  # relay -> when reserved
         self._refused: dict[ID, tuple[float, float]] = {}  # peer -> (when it refused, cooldown)
         self._relayed_first: dict[ID, float] = {}  # peer -> when only a relay reached it
@@ -141,7 +141,7 @@ class Relay:
                 self.stats["bytes_relayed"] += len(data)
             return data
 
-        self.protocol._read_stream_with_retry = counted  # type: ignore[method-assign]
+        self.protocol._read_stream_with_retry = counted  # type: ignore[method-assign,assignment]
 
     async def _handle_hop(self, stream: Any) -> None:
         # The library's HOP handler never checks allow_hop: refuse here unless this node relays now (only
@@ -364,7 +364,7 @@ class Relay:
         return False
 
 
-def _guarded(handler: Callable[[Any], Awaitable[None]]) -> Callable[[Any], Awaitable[None]]:
+def _guarded(handler: Callable[[Any], Awaitable[None]]) -> Callable[[Any], Coroutine[Any, Any, None]]:
     async def guarded(stream: Any) -> None:
         try:
             await handler(stream)
