@@ -4,7 +4,7 @@ Run inside a namespace: `ip netns exec NS python tests/netns_node.py --data-dir 
 Prints `{"event": "ready", ...}`, then answers one JSON command per stdin line. Extra commands:
 `dial` (a direct connection to one multiaddr, reporting success and seconds), `request` (an echo request
 to a peer over `host.request`), `drop` (close every connection to a peer), `conns` (each peer's open
-connections by transport address). Their time limit is `deadline` (`timeout` is the driver's own wait for
+connections by transport address), `pull` (a blob fetch bounded by `deadline`). Their time limit is `deadline` (`timeout` is the driver's own wait for
 the reply).
 """
 
@@ -39,6 +39,18 @@ class BedNode(Node):
             return {"seconds": time.perf_counter() - start, "size": len(answer), "echo": answer == payload}
         if op == "drop":
             return await self.drop(cmd["peer"])
+        if op == "pull":
+            import hashlib
+
+            start = time.perf_counter()
+            data = await self.host.fetch(
+                cmd["hash"],
+                cmd["providers"],
+                max_size=int(cmd["max_size"]),
+                timeout=float(cmd.get("deadline", 60.0)),
+            )
+            ok = hashlib.sha256(data).hexdigest() == cmd["hash"]
+            return {"seconds": time.perf_counter() - start, "size": len(data), "intact": ok}
         if op == "conns":
             return {"conns": await self.host._b().run(self.conns)}
         return await super().handle(cmd)

@@ -30,8 +30,10 @@ from typing import Any
 import multiaddr
 import trio
 from libp2p.abc import INotifee
+from libp2p.connection_types import ConnectionType
 from libp2p.host.ping import ID as PING_PROTOCOL
 from libp2p.host.ping import perform_ping_roundtrip
+from libp2p.network.connection.raw_connection import RawConnection
 from libp2p.peer.id import ID
 from libp2p.relay.circuit_v2.config import RelayConfig, RelayRole
 from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
@@ -109,6 +111,7 @@ class Relay:
         # library's handlers can raise while closing a stream that was reset. The services register these
         # attributes when they start, so the guarded versions are the ones that run.
         self.protocol._handle_stop_stream = _guarded(self.protocol._handle_stop_stream)  # type: ignore[method-assign,assignment]
+        self.protocol.handle_incoming_connection = self._incoming  # type: ignore[method-assign]
         if self.dcutr is not None:
             self.dcutr._handle_dcutr_stream = _guarded(self.dcutr._handle_dcutr_stream)  # type: ignore[method-assign,assignment]
         self.reserved: dict[ID, float] = {}  # relay -> when reserved
@@ -142,6 +145,31 @@ class Relay:
             return data
 
         self.protocol._read_stream_with_retry = counted  # type: ignore[method-assign,assignment]
+
+    async def _incoming(self, stream: Any, remote_peer_id: bytes) -> None:
+        """The library's STOP side, with the relay's id in the connection's address.
+
+        py-libp2p 0.8.1 names the *local* host as the relay of an inbound circuit
+        (`/p2p/<self>/p2p-circuit/p2p/<remote>`); the relay is the peer the STOP stream came from.
+        """
+        peer = ID(remote_peer_id)
+        relay = stream.muxed_conn.peer_id
+        addr = multiaddr.Multiaddr(f"/p2p/{relay.to_base58()}/p2p-circuit/p2p/{peer.to_base58()}")
+        raw = RawConnection(
+            stream=stream, initiator=False, connection_type=ConnectionType.RELAYED, addresses=[addr]
+        )
+        try:
+            muxed = await self.host.upgrade_inbound_connection(raw, addr)
+        except Exception as exc:
+            with contextlib.suppress(Exception):
+                await stream.close()
+            raise ConnectionError(f"relayed connection from {peer} failed: {exc}") from exc
+        # The generic upgrade cannot derive a relayed stream's transport addresses; tag the swarm connection
+        # (DCUtR and statistics tell relayed from direct connections by "/p2p-circuit").
+        for conn in self.host.get_network().get_connections(peer):
+            if getattr(conn, "muxed_conn", None) is muxed:
+                with contextlib.suppress(Exception):
+                    conn.set_transport_info([addr], ConnectionType.RELAYED)
 
     async def _handle_hop(self, stream: Any) -> None:
         # The library's HOP handler never checks allow_hop: refuse here unless this node relays now (only
