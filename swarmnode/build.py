@@ -66,7 +66,12 @@ def build_learner(
     trainer = Trainer(policy, engine, optimizer, grpo, metrics)
     diloco = None
     if cfg.diloco.enabled:
-        diloco = DiLoCo(policy.model.named_parameters(), lr=cfg.diloco.outer_lr, momentum=cfg.diloco.momentum)
+        diloco = DiLoCo(
+            policy.model.named_parameters(),
+            lr=cfg.diloco.outer_lr,
+            momentum=cfg.diloco.momentum,
+            spill_dir=data_dir / "diloco",
+        )
     return Learner(
         policy=policy,
         engine=engine,
@@ -103,6 +108,7 @@ def build_node(cfg: NodeConfig, host: Host, learner: Learner, *, data_dir: Path,
             round=current_round(),
             anchor_hash=diloco_ex.anchor_hash if diloco_ex is not None else "",
             samples=learner.samples_seen,
+            observing=diloco_ex.observing if diloco_ex is not None else False,
         )
 
     membership = Membership(

@@ -204,7 +204,14 @@ class FakeHost:
         self.blobs.pop(content_hash, None)
         self.views.pop(content_hash, None)
 
-    async def fetch(self, content_hash: str, providers: list[str], *, max_size: int) -> bytes:
+    async def fetch(
+        self,
+        content_hash: str,
+        providers: list[str],
+        *,
+        max_size: int,
+        timeout: float = 60.0,  # noqa: ASYNC109
+    ) -> bytes:
         for p in providers:
             host = self.bus.hosts.get(p)
             if host is None:

@@ -176,3 +176,26 @@ def test_outer_step_carries_progress_made_after_publishing() -> None:
         torch.testing.assert_close(p.detach(), expected_anchor + progress)
     assert carried == pytest.approx(sq**0.5, rel=1e-5)
     assert carried > 0
+
+
+def test_a_spilled_anchor_and_snapshot_give_the_same_rounds(tmp_path) -> None:
+    # Real sizes keep the fp32 anchor in a memory-mapped file and the publish-time snapshot on disk.
+    def rounds(spill: object) -> tuple[list[torch.Tensor], list[torch.Tensor], str]:
+        m = _model(0).to(torch.bfloat16)
+        outer = DiLoCo(m.named_parameters(), lr=0.7, momentum=0.9, spill_dir=spill)  # type: ignore[arg-type]
+        for r in range(3):
+            _perturb(m, r)
+            delta = dict(outer.iter_pseudo_gradient())
+            published = outer.local_snapshot()
+            _perturb(m, 10 + r)  # inner steps while the round collects
+            outer.outer_step_streaming(iter(sorted(delta.items())), published_local=published)
+        anchor = [outer.anchor[n].clone() for n in sorted(outer.anchor)]
+        return anchor, [p.detach().clone() for _, p in sorted(m.named_parameters())], ""
+
+    a_mem, p_mem, _ = rounds(None)
+    a_file, p_file, _ = rounds(tmp_path / "spill")
+    assert (tmp_path / "spill" / "anchor.f32").stat().st_size == 4 * sum(t.numel() for t in a_mem)
+    assert (tmp_path / "spill" / "published.safetensors").is_file()
+    for x, y in zip(a_mem + p_mem, a_file + p_file, strict=True):
+        assert torch.equal(x, y)
+    assert not all(torch.equal(x, y) for x, y in zip(a_mem, [t.float() for t in p_mem], strict=True))

@@ -67,7 +67,9 @@ def make(
 
     def status() -> Status:
         p = holder[0]
-        return Status(step=p.step, round=p.ex.round, anchor_hash=p.ex.anchor_hash, samples=0)
+        return Status(
+            step=p.step, round=p.ex.round, anchor_hash=p.ex.anchor_hash, samples=0, observing=p.ex.observing
+        )
 
     members = make_membership(host, clock, cohort, status)
     rounds = {"merge_every": 3, "collect_seconds": 10.0, "join_wait_s": 0.0, **rounds}
@@ -408,6 +410,11 @@ def test_a_late_joiner_catches_up_never_goes_back_and_merges() -> None:
             joiner.step, ahead.step = 6, 50
             assert joiner.ex.anchor_hash == early[0].ex.anchor_hash
             assert torch.equal(joiner.w(), early[0].ex.diloco.anchor["w"])
+            # it says so at once: the cohort's round 3 does not wait for a Δ it will never send
+            assert joiner.ex.observing
+            await asyncio.sleep(0)
+            assert early[0].members.presence_of("joiner").status == "observing"
+            assert "joiner" not in early[0].members.cohort_peers()
             await ahead.members.leave()
             # Round 3 was in flight from the state the joiner loaded: it merges it as an observer
             # (its Δ would be empty) and takes part from round 4. Training takes no fake time, so
@@ -426,6 +433,7 @@ def test_a_late_joiner_catches_up_never_goes_back_and_merges() -> None:
     assert ahead.ex.round == 2
     # round 3 the joiner merged as an observer (its Δ would be empty), round 4 as a contributor
     assert joiner.ex.round == 4
+    assert not joiner.ex.observing
     assert joiner.ex.merges == 2
     assert joiner.ex.merge_contributors == 3
     assert len({p.ex.anchor_hash for p in [*early, joiner]}) == 1

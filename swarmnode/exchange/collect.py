@@ -13,11 +13,12 @@ import contextlib
 import logging
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 log = logging.getLogger(__name__)
 
-Contribution = tuple[dict[str, Any], float]
+# What a pull yields (the DiLoCo exchange: blob, weight, norm); collection only passes it on.
+C = TypeVar("C")
 # Open rounds (besides the one collecting) an author may hold manifests in.
 MAX_ROUNDS_PER_AUTHOR = 2
 
@@ -50,13 +51,13 @@ async def collect_round(
     inbox: Inbox,
     *,
     expected: Callable[[], list[str]],
-    fetch: Callable[[Any], Coroutine[Any, Any, Contribution | None]],
+    fetch: Callable[[Any], Coroutine[Any, Any, C | None]],
     deadline: float,
     clock: Callable[[], float],
-) -> dict[str, Contribution]:
+) -> dict[str, C]:
     """{author: (Δ, weight)} of the contributions that arrived in time; ``fetch`` never raises (it
     returns None for a failed pull), so one bad peer cannot cancel the others' pulls."""
-    fetches: dict[str, asyncio.Task[Contribution | None]] = {}
+    fetches: dict[str, asyncio.Task[C | None]] = {}
     try:
         async with asyncio.TaskGroup() as pulls:
             try:
@@ -79,7 +80,7 @@ async def collect_round(
                     task.cancel()
     except Exception as exc:  # fetch never raises: only a bug can get here
         log.warning("round collection: %r", exc)
-    out: dict[str, Contribution] = {}
+    out: dict[str, C] = {}
     for author, task in fetches.items():
         result = None if task.cancelled() or task.exception() is not None else task.result()
         if result is not None:

@@ -173,6 +173,7 @@ class DiLoCoExchange(BaseExchange):
         self.samples_since_publish = 0
         self._inboxes: dict[int, Inbox] = {}
         self._pending: _Pending | None = None
+        self._said_observing = False
         self._served_blob = ""
         self._ready = False
         self.clock_rounds: RoundClock | None = None
@@ -216,6 +217,22 @@ class DiLoCoExchange(BaseExchange):
 
     # -- the step hooks ---------------------------------------------------------------------------
 
+    @property
+    def observing(self) -> bool:
+        """Merging the round in flight without a Δ of our own (a joiner that just loaded state)."""
+        return self._pending is not None and self._pending.own is None
+
+    async def _say_if_observing_changed(self) -> None:
+        # The cohort's round must not wait for an observer: say so now, not at the next presence.
+        if self.observing != self._said_observing:
+            self._said_observing = self.observing
+            publish = getattr(self.members, "publish", None)
+            if publish is not None:
+                try:
+                    await publish()
+                except Exception as exc:  # the periodic presence carries it too
+                    log.info("presence after a catch-up not sent: %s", exc)
+
     async def before_step(self, step: int) -> int:
         self.step = step
         if not self._ready:
@@ -223,7 +240,9 @@ class DiLoCoExchange(BaseExchange):
             await self._refresh()
             if self.config.join_wait_s:
                 await self.members.wait_cohort(self.config.expect_peers, self.config.join_wait_s)
-        return await self.maybe_catch_up(step)
+        step = await self.maybe_catch_up(step)
+        await self._say_if_observing_changed()
+        return step
 
     async def after_step(self, step: int, samples: int) -> None:
         """Apply a finished collection; start the next round when one ended."""
@@ -232,6 +251,7 @@ class DiLoCoExchange(BaseExchange):
         pending = self._pending
         if pending is not None and pending.task.done():
             await self._apply(pending)
+            await self._say_if_observing_changed()
         due = self._due(step)
         if due is None or due[0] <= self.round:
             return  # not a round's end, or merged already (a joiner loaded state past it)
@@ -345,19 +365,21 @@ class DiLoCoExchange(BaseExchange):
         return await collect_round(
             inbox,
             expected=self.members.cohort_peers,
-            fetch=self._fetch_one,
+            fetch=lambda m: self._fetch_one(m, deadline),
             deadline=deadline,
             clock=self.clock,
         )
 
-    async def _fetch_one(self, m: Any) -> Contribution | None:
+    async def _fetch_one(self, m: Any, deadline: float) -> Contribution | None:
         """(Δ blob, weight, norm) from the manifest's author, validated against our model, or None
-        (counted) when anything goes wrong."""
+        (counted) when anything goes wrong. The pull may take until the round's collection deadline
+        (a 0.5 GB Δ needs ~40 s at 100 Mbit/s, more from a busy peer)."""
         limit = self.max_blob_bytes
         try:
             if int(m.size) > limit:
                 raise ValueError(f"announces {m.size} bytes, over this model's cap of {limit}")
-            data = await self.host.fetch(m.content_hash, [m.author], max_size=int(m.size))
+            timeout = max(1.0, deadline - self.clock())
+            data = await self.host.fetch(m.content_hash, [m.author], max_size=int(m.size), timeout=timeout)
             self.traffic.bytes_received += len(data)
             norm = await asyncio.to_thread(check_delta, data, limit, self.shapes)
         except Exception as exc:  # any failure leaves this peer out of the round

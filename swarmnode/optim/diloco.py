@@ -16,7 +16,9 @@ replica's own state: ``state_dict`` (checkpoints) holds it as ``residual.<name>`
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -41,8 +43,33 @@ def hash_anchor(anchor: Mapping[str, torch.Tensor]) -> str:
         # view, in slices, so a 2 GB anchor is never copied
         raw = t.reshape(-1).view(torch.uint8).numpy()
         for lo in range(0, raw.size, 1 << 24):
-            h.update(memoryview(raw[lo : lo + (1 << 24)]))
+            h.update(raw[lo : lo + (1 << 24)].data)
     return h.hexdigest()
+
+
+ANCHOR_FILE = "anchor.f32"
+SNAPSHOT_FILE = "published.safetensors"
+
+
+class _FileTensors(Mapping[str, torch.Tensor]):
+    """Tensors of a safetensors file, each read when asked for."""
+
+    def __init__(self, path: Path) -> None:
+        from safetensors import safe_open
+
+        self._file = safe_open(str(path), framework="pt")
+        self._keys = list(self._file.keys())
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._keys:
+            raise KeyError(name)
+        return self._file.get_tensor(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
 
 
 class DiLoCo:
@@ -55,6 +82,7 @@ class DiLoCo:
         lr: float = 0.7,
         momentum: float = 0.9,
         nesterov: bool = True,
+        spill_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         if not lr > 0:
             raise ValueError(f"lr must be > 0, got {lr}")
@@ -74,13 +102,32 @@ class DiLoCo:
         if not self.params:
             raise ValueError("DiLoCo needs at least one parameter")
         # fp32 anchor even for bf16 models: the outer step adds small lr·Δ updates that bf16 would round away.
-        self.anchor: dict[str, torch.Tensor] = {
-            n: p.detach().to(dtype=torch.float32, copy=True) for n, p in self.params.items()
-        }
+        # With ``spill_dir`` (CPU models) the anchor lives in a memory-mapped file there and the publish-time
+        # snapshot in a file beside it: both are touched twice a round, so the kernel may page them out in
+        # between instead of holding 2 + 1 GB of anonymous memory for a 0.5 B model.
+        self.spill_dir = Path(spill_dir) if spill_dir is not None else None
+        self.anchor: dict[str, torch.Tensor] = self._new_anchor()
         self.buffers: dict[str, torch.Tensor] = {}
         self.outer_steps = 0
         # what sparse Δ blobs left out, added to the next Δ (kept in each parameter's dtype)
         self.feedback = ErrorFeedback({n: p.dtype for n, p in self.params.items()})
+
+    def _new_anchor(self) -> dict[str, torch.Tensor]:
+        on_cpu = all(p.device.type == "cpu" for p in self.params.values())
+        if self.spill_dir is None or not on_cpu:
+            return {n: p.detach().to(dtype=torch.float32, copy=True) for n, p in self.params.items()}
+        self.spill_dir.mkdir(parents=True, exist_ok=True)
+        total = sum(p.numel() for p in self.params.values())
+        flat = torch.from_file(
+            str(self.spill_dir / ANCHOR_FILE), shared=True, size=total, dtype=torch.float32
+        )
+        out, at = {}, 0
+        for n in sorted(self.params):
+            p = self.params[n]
+            view = flat[at : at + p.numel()].view(p.shape)
+            view.copy_(p.detach())
+            out[n], at = view, at + p.numel()
+        return out
 
     # -- the round ------------------------------------------------------------------------------
 
@@ -109,10 +156,19 @@ class DiLoCo:
         return encode_delta(self.iter_pseudo_gradient(), codec)
 
     @torch.no_grad()
-    def local_snapshot(self) -> dict[str, torch.Tensor]:
+    def local_snapshot(self) -> Mapping[str, torch.Tensor]:
         """A copy of the live weights in their own dtype (bf16 models: half the fp32 Δ's size): what
-        ``outer_step_streaming`` needs to carry over the inner steps taken after a publish."""
-        return {n: p.detach().to("cpu", copy=True) for n, p in self.params.items()}
+        ``outer_step_streaming`` needs to carry over the inner steps taken after a publish. With
+        ``spill_dir`` it is written there and read back one tensor at a time."""
+        if self.spill_dir is None:
+            return {n: p.detach().to("cpu", copy=True) for n, p in self.params.items()}
+        from safetensors.torch import save_file
+
+        path = self.spill_dir / SNAPSHOT_FILE
+        tmp = path.with_suffix(".tmp")
+        save_file({n: p.detach().cpu().contiguous() for n, p in self.params.items()}, str(tmp))
+        os.replace(tmp, path)
+        return _FileTensors(path)
 
     @torch.no_grad()
     def outer_step_streaming(
