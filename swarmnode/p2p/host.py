@@ -400,6 +400,7 @@ class Host:
         listen = multiaddr.Multiaddr(f"/ip4/{self.config.listen_host}/tcp/{self.config.port}")
         host = new_host(key_pair=key_pair, listen_addrs=[listen], enable_mDNS=self.config.enable_mdns)
         pubsub, router, equivocation = build_gossipsub(host, self._gossip, self.config.data_dir)
+        _guard_pubsub_streams(host, pubsub, router)
         host.set_stream_handler(TProtocol(BLOB_PROTOCOL), self._blobs.serve)
         reachability = Reachability(host)
         cfg = self.config
@@ -455,6 +456,25 @@ def _log_reader_end(topic: str, future: concurrent.futures.Future[Any]) -> None:
     exc = None if future.cancelled() else future.exception()
     if exc is not None and not isinstance(exc, BridgeClosed):
         log.error("subscription to %s stopped: %r; no more messages will arrive on it", topic, exc)
+
+
+def _guard_pubsub_streams(host: Any, pubsub: Any, router: Any) -> None:
+    """py-libp2p's pubsub handler lets a protobuf DecodeError (a peer's undecodable RPC frame) escape, and an
+    exception out of a stream handler tears the whole host down: end that peer's stream instead."""
+
+    async def guarded(stream: Any) -> None:
+        try:
+            await pubsub.stream_handler(stream)
+        except Exception as exc:
+            peer = stream.muxed_conn.peer_id
+            log.warning("pubsub stream from %s ended: %r", peer, exc)
+            with contextlib.suppress(Exception):
+                await stream.reset()
+            with contextlib.suppress(Exception):
+                pubsub._handle_dead_peer(peer)
+
+    for protocol in router.get_protocols():
+        host.set_stream_handler(protocol, guarded)
 
 
 def _has_live_connection(host: Any, pid: ID) -> bool:
