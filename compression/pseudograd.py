@@ -13,7 +13,7 @@ merged the same contributions land on bit-identical anchors. No pickle: a peer's
 become finite fp32 tensors of the shapes the header states, checked before anything is allocated.
 
 ``sparse`` (``compression.sparsedelta``): top-k per 4096-value tile with 2-bit values, ~0.018 B/param;
-header ``{"codec": "sparse", "tile": 64, "k": 56, "dct": false, "t": [...]}``, the same entries. Its
+header ``{"codec": "sparse", "tile": 64, "k": 56, "domain": "wht", "t": [...]}``, the same entries. Its
 payloads are far smaller than the tensors they decode to, so a receiver must state the shapes it
 expects (``shapes=``): the header must name exactly those tensors and shapes, checked before anything
 is allocated. The codec is in the header, so a receiver decodes either codec whatever its own.
@@ -49,8 +49,8 @@ __all__ = [
 
 QUANT_BLOCK = 256
 CODECS = ("int8", "sparse")  # what a header may name
-# What a node may choose to send (config ``diloco.delta_codec``): "sparse-dct" is the sparse codec
-# in the DCT domain, the same wire codec with ``dct: true`` in its header.
+# What a node may choose to send (config ``diloco.delta_codec``): "sparse" is the sparse codec in its
+# default (Walsh-Hadamard) domain, "sparse-dct" the same wire codec with ``domain: "dct"``.
 CHOICES = ("int8", "sparse", "sparse-dct")
 _MAGIC = b"SNPG"
 _VERSION = 2
@@ -67,7 +67,9 @@ def resolve_codec(choice: str, params: SparseParams | None = None) -> tuple[str,
         raise ValueError(f"codec: expected one of {CHOICES}, got {choice!r}")
     if choice == "int8":
         return "int8", params
-    return "sparse", params or SparseParams(dct=choice == "sparse-dct")
+    return "sparse", params or SparseParams(
+        domain="dct" if choice == "sparse-dct" else sparsedelta.DEFAULT_DOMAIN
+    )
 
 
 def encoded_size(
@@ -107,8 +109,8 @@ def encode_delta(
     """A mapping, or (name, Δ) pairs in sorted name order (e.g. ``DiLoCo.iter_pseudo_gradient``, so
     the fp32 Δ of a large model exists one tensor at a time).
 
-    ``sparse`` (and ``sparse-dct``) take ``params`` (default ``SparseParams()``, with ``dct``
-    for ``sparse-dct``) and an optional ``feedback``: each tensor is coded as Δ + e and e becomes
+    ``sparse`` (and ``sparse-dct``) take ``params`` (default ``SparseParams()``, with
+    ``domain="dct"`` for ``sparse-dct``) and an optional ``feedback``: each tensor is coded as Δ + e and e becomes
     what the blob left out (``sparsedelta.ErrorFeedback``)."""
     if codec == "int8" and (params is not None or feedback is not None):
         raise ValueError("params and feedback apply to the sparse codec only")
@@ -133,7 +135,7 @@ def encode_delta(
         payloads.append(payload)
     head: dict[str, object] = {"codec": codec, "t": entries}
     if codec == "sparse":
-        head.update(tile=p.tile, k=p.k, dct=p.dct)
+        head.update(tile=p.tile, k=p.k, domain=p.domain)
     header = msgpack.packb(head, use_bin_type=True)
     return b"".join([_PREFIX.pack(_MAGIC, _VERSION, len(header)), header, *payloads])
 
@@ -169,12 +171,12 @@ def _parse_header(data: bytes, max_bytes: int) -> tuple[str, SparseParams | None
         raise ProtocolError(f"pseudo-gradient header: expected {{'codec': one of {CODECS}, 't': [...]}}")
     codec = str(obj["codec"])
     params = None
-    want_keys = {"codec", "t"} | ({"tile", "k", "dct"} if codec == "sparse" else set())
+    want_keys = {"codec", "t"} | ({"tile", "k", "domain"} if codec == "sparse" else set())
     if set(obj) != want_keys:
         raise ProtocolError(f"pseudo-gradient header: {codec} header has keys {sorted(map(str, obj))}")
     if codec == "sparse":
-        sparsedelta.check_params(obj["tile"], obj["k"], obj["dct"], error=ProtocolError)
-        params = SparseParams(tile=obj["tile"], k=obj["k"], dct=obj["dct"])
+        sparsedelta.check_params(obj["tile"], obj["k"], obj["domain"], error=ProtocolError)
+        params = SparseParams(tile=obj["tile"], k=obj["k"], domain=obj["domain"])
     return codec, params, obj["t"], _PREFIX.size + hlen
 
 

@@ -15,7 +15,9 @@ real ``pseudograd`` blobs with every header byte counted, bytes/param and recons
 for three kinds of Δ (i.i.d. Gaussian; "adam": a sum of 30 sign steps of a shared direction plus
 noise, soft-signed like AdamW's inner steps; "smooth": rank 4 of random walks plus 10 % noise), in the value domain
 and with the DCT, and on a real AdamW Δ of the tiny model; error feedback over ``--sparse-rounds`` rounds on one layer (cosine of the sum
-of what was sent vs the sum of the Δs); and a projection to the full 494 M layout (24 layers, the
+of what was sent vs the sum of the Δs); a DiLoCo learning proxy (4 replicas of a small MLP
+through the real codec and merge: gain over isolated replicas per codec and outer step, a cheap
+stand-in for bench_swarm); and a projection to the full 494 M layout (24 layers, the
 151936 x 896 embedding) from the measured bytes of each tensor shape.
 
 Usage: nice -n 10 python scripts/bench_compression.py [--quick] [--sparse-only]
@@ -317,7 +319,7 @@ def project_full(per_shape: dict[tuple[int, ...], int], params: sparsedelta.Spar
     for name, shape in full_layout():
         if shape in per_shape:
             length = per_shape[shape]
-        else:  # the full embedding: same tile geometry as the slice, more tile rows
+        else:  # the full embedding: the slice's chunk geometry, more chunks
             (slice_shape,) = [
                 s
                 for s in per_shape
@@ -326,14 +328,14 @@ def project_full(per_shape: dict[tuple[int, ...], int], params: sparsedelta.Spar
                 and s[0] % 64 == 0
                 and s[0] not in (QWEN25_HIDDEN, QWEN25_KV, QWEN25_INTER)
             ]
-            t_slice = dct.ChunkedDCT(slice_shape, chunk=params.tile)
-            t_full = dct.ChunkedDCT(shape, chunk=params.tile)
-            assert t_slice.chunk_numel == t_full.chunk_numel
-            length = round(per_shape[slice_shape] * t_full.n_chunks / t_slice.n_chunks)
+            g_slice = sparsedelta._Geom(slice_shape, params)
+            g_full = sparsedelta._Geom(shape, params)
+            assert (g_slice.chunk_numel, g_slice.k) == (g_full.chunk_numel, g_full.k)
+            length = round(per_shape[slice_shape] * g_full.n_chunks / g_slice.n_chunks)
         entries.append([name, list(shape), length])
         total_payload += length
     head = msgpack.packb(
-        {"codec": "sparse", "t": entries, "tile": params.tile, "k": params.k, "dct": params.dct},
+        {"codec": "sparse", "t": entries, "tile": params.tile, "k": params.k, "domain": params.domain},
         use_bin_type=True,
     )
     n = sum(math.prod(s) for _, s in full_layout())
@@ -376,6 +378,84 @@ def tiny_model_delta(params: sparsedelta.SparseParams) -> dict[str, float]:
     }
 
 
+def diloco_proxy(codec: str | None, *, seed: int, outer_lr: float, momentum: float) -> float:
+    """Held-out MSE after 30 DiLoCo rounds of 25 AdamW steps on 4 replicas (an MLP of 98 k
+    parameters regressing a random teacher from noisy samples, each replica its own stream), through
+    the real codec, ``check_delta`` and ``merge`` (trimmed mean); ``codec=None``: no merges (isolated)."""
+    from swarmnode.exchange.merge import Contribution, check_delta, merge
+    from swarmnode.optim.diloco import DiLoCo
+
+    torch.manual_seed(seed)
+    d_in, d_h, d_out = 64, 256, 64
+    teacher = torch.nn.Sequential(torch.nn.Linear(d_in, d_h), torch.nn.Tanh(), torch.nn.Linear(d_h, d_out))
+
+    def student() -> torch.nn.Module:
+        torch.manual_seed(seed + 1)
+        return torch.nn.Sequential(
+            torch.nn.Linear(d_in, d_h),
+            torch.nn.Tanh(),
+            torch.nn.Linear(d_h, d_h),
+            torch.nn.Tanh(),
+            torch.nn.Linear(d_h, d_out),
+        )
+
+    models = [student() for _ in range(4)]
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-3) for m in models]
+    dls = [DiLoCo(m.named_parameters(), lr=outer_lr, momentum=momentum) for m in models]
+    gens = [torch.Generator().manual_seed(seed * 100 + 7 + i) for i in range(4)]
+    x_test = torch.randn(4096, d_in, generator=torch.Generator().manual_seed(999))
+    with torch.no_grad():
+        y_test = teacher(x_test)
+    for _ in range(30):
+        for m, o, g in zip(models, opts, gens, strict=True):
+            for _ in range(25):
+                x = torch.randn(32, d_in, generator=g)
+                with torch.no_grad():
+                    y = teacher(x) + 0.5 * torch.randn(32, d_out, generator=g)
+                loss = (m(x) - y).pow(2).mean()
+                o.zero_grad()
+                loss.backward()
+                o.step()
+        if codec is None:
+            continue
+        shapes = dls[0].shapes()
+        cap = pseudograd.max_encoded_size(shapes)
+        blobs = [d.encode_pseudo_gradient(codec) for d in dls]
+        contribs = [Contribution(b, 1.0, check_delta(b, cap, shapes)) for b in blobs]
+        for d in dls:
+            merge(contribs, d, max_bytes=cap, max_weight=1.0, published_local=None)
+    with torch.no_grad():
+        return sum(float((m(x_test) - y_test).pow(2).mean()) for m in models) / len(models)
+
+
+def diloco_proxy_section(seeds: tuple[int, ...] = (0, 1)) -> dict[str, Any]:
+    """Gain over isolated replicas (MSE_isolated − MSE) per codec and outer step, and the sparse
+    gain over int8's: a cheap stand-in for ``bench_swarm`` (the issue's learning-parity check)."""
+    arms = {
+        "int8_lr0.7_m0.9": ("int8", 0.7, 0.9),
+        "int8_lr1_m0": ("int8", 1.0, 0.0),
+        "sparse_lr1_m0": ("sparse", 1.0, 0.0),
+        "sparse-dct_lr1_m0": ("sparse-dct", 1.0, 0.0),
+        "sparse_lr0.7_m0.9": ("sparse", 0.7, 0.9),
+    }
+    out: dict[str, Any] = {}
+    for seed in seeds:
+        iso = diloco_proxy(None, seed=seed, outer_lr=1.0, momentum=0.0)
+        row: dict[str, Any] = {"mse_isolated": round(iso, 6)}
+        for name, (arm_codec, lr, mom) in arms.items():
+            row[f"gain_{name}"] = round(
+                iso - diloco_proxy(arm_codec, seed=seed, outer_lr=lr, momentum=mom), 6
+            )
+        row["sparse_gain_over_int8_default"] = round(
+            row["gain_sparse_lr1_m0"] / row["gain_int8_lr0.7_m0.9"], 3
+        )
+        row["sparse_gain_over_int8_same_outer"] = round(
+            row["gain_sparse_lr1_m0"] / row["gain_int8_lr1_m0"], 3
+        )
+        out[f"seed{seed}"] = row
+    return out
+
+
 def sparse_delta_section(n_params: float, rounds: int, seed: int) -> dict[str, Any]:
     shapes = sparse_layout(n_params)
     out: dict[str, Any] = {
@@ -385,12 +465,11 @@ def sparse_delta_section(n_params: float, rounds: int, seed: int) -> dict[str, A
         "tile": sparsedelta.DEFAULT_TILE,
     }
     per_shape: dict[tuple[int, ...], int] = {}
-    for use_dct in (False, True):
-        p = sparsedelta.SparseParams(dct=use_dct)
-        dom = "dct" if use_dct else "value"
+    for dom in sparsedelta.DOMAINS:
+        p = sparsedelta.SparseParams(domain=dom)
         for kind in ("gaussian", "adam", "smooth"):
             r = sparse_round(shapes, kind, p, seed)
-            if not use_dct and kind == "adam":
+            if dom == sparsedelta.DEFAULT_DOMAIN and kind == "adam":
                 per_shape = r["per_shape"]
                 out["bytes_per_param"] = round(r["bytes_per_param"], 6)
                 out["bytes"] = r["bytes"]
@@ -406,7 +485,10 @@ def sparse_delta_section(n_params: float, rounds: int, seed: int) -> dict[str, A
     out["projection_494m"] = project_full(per_shape, sparsedelta.SparseParams())
     ef_shapes = [(n, s) for n, s in shapes if n.startswith("model.layers.0.")]
     out["error_feedback"] = error_feedback_rounds(ef_shapes, rounds, sparsedelta.SparseParams(), seed)
+    out["diloco_proxy"] = diloco_proxy_section()
+    rows = [r for r in out["diloco_proxy"].values()]
     out["acceptance"] = {
+        "proxy_sparse_gain>=0.9x_int8_default": all(r["sparse_gain_over_int8_default"] >= 0.9 for r in rows),
         "bytes_per_param<=0.02": out["bytes_per_param"] <= 0.02,
         "projected_494m_bytes_per_param<=0.02": out["projection_494m"]["bytes_per_param"] <= 0.02,
     }

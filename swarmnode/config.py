@@ -219,8 +219,13 @@ class DilocoSection:
     enabled: bool = False
     inner_steps: int = 50  # H: inner steps per round (step-based rounds)
     round_seconds: float | None = None  # set: wall-clock rounds from the swarm genesis instead of H
-    outer_lr: float = 0.7  # DiLoCo / PRIME values
-    momentum: float = 0.9
+    # Outer step; unset: the delta codec's default (resolved when the section is built, so the
+    # field always holds a number). int8: lr 0.7, Nesterov momentum 0.9 (DiLoCo / PRIME values).
+    # sparse: lr 1.0, momentum 0 (SparseLoCo's recipe: error feedback already accumulates what was
+    # not sent; with momentum 0.9 on top the outer step overshoots and a 4-replica proxy ended 23x
+    # worse than not merging at all, see compression/sparsedelta.py).
+    outer_lr: float = None  # type: ignore[assignment]
+    momentum: float = None  # type: ignore[assignment]
     # How long a round waits for peers' pseudo-gradients at most; None: from the model's Δ size,
     # the expected peers and network.link_mbps (rounds.collect_window).
     collect_seconds: float | None = None
@@ -232,6 +237,11 @@ class DilocoSection:
     delta_codec: Literal["int8", "sparse", "sparse-dct"] = "int8"
 
     def __post_init__(self) -> None:
+        sparse = self.delta_codec != "int8"
+        if self.outer_lr is None:
+            self.outer_lr = 1.0 if sparse else 0.7
+        if self.momentum is None:
+            self.momentum = 0.0 if sparse else 0.9
         _range("inner_steps", self.inner_steps, 1)
         if self.round_seconds is not None:
             _range("round_seconds", self.round_seconds, 1e-3)

@@ -95,7 +95,8 @@ _FLAGS: list[tuple[str, str, str, str | None]] = [
     (
         "--delta-codec",
         "diloco.delta_codec",
-        "how the pseudo-gradient is coded (sparse: top-k, 2-bit values, error feedback, ~0.018 B/param)",
+        "how the pseudo-gradient is coded (sparse: top-k of a Walsh-Hadamard transform, 2-bit values, "
+        "error feedback, 0.018 B/param; sparse-dct: the same after a DCT, for cohorts on one BLAS build)",
         None,
     ),
     ("--checkpoint-every", "checkpoint.every", "steps between checkpoints (0: none)", "N"),
@@ -110,6 +111,8 @@ _UNSET: dict[str, str] = {
     "swarm.genesis": "derived from the swarm id",
     "model.dtype": "as the model loads",
     "diloco.collect_seconds": "from the model size, expected peers and --link-mbps",
+    "diloco.outer_lr": "0.7 with --delta-codec int8, 1.0 with sparse",
+    "diloco.momentum": "0.9 with --delta-codec int8, 0 with sparse (error feedback is its momentum)",
     "train.steps": "until stopped",
     "train.duration_s": "no limit",
     "diloco.round_seconds": "rounds of H steps",

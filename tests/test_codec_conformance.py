@@ -261,14 +261,14 @@ CODECS = [
     ),
     *[
         Codec(
-            name=f"pseudograd-sparse{'-dct' if use_dct else ''}",
+            name=f"pseudograd-sparse-{domain}",
             sample=_sparse_sample,
             encode=lambda d, p=p: pseudograd.encode_delta(d, "sparse", params=p),
             decode=lambda data, d: pseudograd.decode_delta(data, max_bytes=CAP, shapes=_shapes(d)),
             check=_check_sparse(p),
         )
-        for use_dct in (False, True)
-        for p in [sparsedelta.SparseParams(dct=use_dct)]
+        for domain in sparsedelta.DOMAINS
+        for p in [sparsedelta.SparseParams(domain=domain)]
     ],
     Codec(
         name="state-index",

@@ -70,10 +70,10 @@ def _small(seed: int = 0) -> dict[str, torch.Tensor]:
 # -- round trip -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("use_dct", [False, True])
-def test_round_trip_decodes_what_the_encoder_says_it_sent(use_dct: bool) -> None:
+@pytest.mark.parametrize("domain", sparsedelta.DOMAINS)
+def test_round_trip_decodes_what_the_encoder_says_it_sent(domain: str) -> None:
     d = _small()
-    p = SparseParams(dct=use_dct)
+    p = SparseParams(domain=domain)
     blob = encode_delta(d, "sparse", params=p)
     assert delta_codec(blob) == "sparse"
     got = decode_delta(blob, CAP, shapes=_shapes(d))
@@ -91,19 +91,32 @@ def test_kept_values_are_the_largest_with_their_signs() -> None:
     x = torch.zeros(64, 64)
     x[3, 5], x[10, 20], x[63, 63] = 5.0, -4.0, 4.5
     x += torch.randn(64, 64) * 1e-3
-    got = decode_delta(encode_delta({"w": x}, "sparse"), CAP, shapes={"w": (64, 64)})["w"]
+    p = SparseParams(domain="value")
+    got = decode_delta(encode_delta({"w": x}, "sparse", params=p), CAP, shapes={"w": (64, 64)})["w"]
     assert got[3, 5] > 4
     assert got[10, 20] < -3.5
     assert got[63, 63] > 4
     assert int((got != 0).sum()) == sparsedelta.DEFAULT_K
 
 
-def test_value_domain_norm_equals_the_decoded_norm() -> None:
-    d = {k: v for k, v in _small(1).items() if k != "b.odd"}  # no zero-padded tiles
-    blob = encode_delta(d, "sparse")
+@pytest.mark.parametrize(("domain", "rel"), [("value", 1e-6), ("wht", 1e-4)])
+def test_norm_from_the_codes_equals_the_decoded_norm(domain: str, rel: float) -> None:
+    # no zero padding: "b.odd" pads tiles, a.bias pads its WHT chunk (192 of 256)
+    d = {k: v for k, v in _small(1).items() if k not in ("b.odd", "a.bias")}
+    blob = encode_delta(d, "sparse", params=SparseParams(domain=domain))
     norms = {n: sq for n, _, sq in delta_sq_norms(blob, CAP, shapes=_shapes(d))}
     for name, t in decode_delta(blob, CAP, shapes=_shapes(d)).items():
-        assert norms[name] == pytest.approx(float(t.double().pow(2).sum()), rel=1e-6, abs=1e-30)
+        assert norms[name] == pytest.approx(float(t.double().pow(2).sum()), rel=rel, abs=1e-30)
+
+
+def test_the_walsh_hadamard_transform_is_orthonormal_and_its_own_inverse() -> None:
+    x = torch.randn(3, 4096)
+    y = sparsedelta._fwht(x)
+    assert float(y.norm() / x.norm()) == pytest.approx(1.0, rel=1e-5)
+    assert torch.allclose(sparsedelta._fwht(y), x, atol=1e-5)
+    h = sparsedelta._fwht(torch.eye(8)) * math.sqrt(8)  # the Sylvester Hadamard matrix
+    assert torch.allclose(h.abs(), torch.ones(8, 8))
+    assert torch.allclose(h @ h.T, 8 * torch.eye(8))
 
 
 def test_sparse_dct_is_the_sparse_codec_with_dct_in_its_header() -> None:
@@ -111,8 +124,9 @@ def test_sparse_dct_is_the_sparse_codec_with_dct_in_its_header() -> None:
     blob = encode_delta(d, "sparse-dct")
     assert delta_codec(blob) == "sparse"
     hlen = struct.unpack_from("<I", blob, 5)[0]
-    assert msgpack.unpackb(blob[9 : 9 + hlen])["dct"] is True
-    assert blob == encode_delta(d, "sparse", params=SparseParams(dct=True))
+    assert msgpack.unpackb(blob[9 : 9 + hlen])["domain"] == "dct"
+    assert blob == encode_delta(d, "sparse", params=SparseParams(domain="dct"))
+    assert msgpack.unpackb(encode_delta(d, "sparse")[9 : 9 + hlen])["domain"] == "wht"
     with pytest.raises(ValueError, match="codec"):
         encode_delta(d, "zip")
 
@@ -253,7 +267,8 @@ def test_sparse_blobs_are_decoded_only_against_expected_shapes() -> None:
         (lambda h: h.update(k=True), "sparse k"),
         (lambda h: h.update(tile=1), "sparse tile"),
         (lambda h: h.update(tile="64"), "sparse tile"),
-        (lambda h: h.update(dct=1), "sparse dct"),
+        (lambda h: h.update(domain="fft"), "sparse domain"),
+        (lambda h: h.update(domain=1), "sparse domain"),
         (lambda h: h.pop("k"), "keys"),
         (lambda h: h.update(extra=1), "keys"),
         (lambda h: h.update(codec="zip"), "expected"),
