@@ -74,6 +74,12 @@ def test_two_hosts_on_loopback_learn_they_are_reachable(tmp_path: Path) -> None:
     assert relay["serving"] is True
     assert relay["reservations"] == 0
     assert relay["peers"] == {"direct": 1, "relayed": 0, "both": 0}
+    assert relay["limits"] == {
+        "max_reservations": 32,
+        "max_circuits_per_peer": 16,
+        "max_circuit_bytes": 1 << 30,
+        "max_circuit_s": 3600,
+    }
 
 
 # -- relay: config bounds, and the direct-vs-circuit race ----------------------------------------------------

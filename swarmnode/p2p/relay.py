@@ -222,6 +222,14 @@ class Relay:
             "peers": self.connection_kinds(),
             "hole_punching": self.dcutr is not None,
             "serving": self._serve and self._is_public(),
+            # Slots this node holds for NATed peers, and the bounds it relays within (HostConfig.relay_*).
+            "reservations_served": len(getattr(self.protocol.resource_manager, "_reservations", {})),
+            "limits": {
+                "max_reservations": self.protocol.limits.max_reservations,
+                "max_circuits_per_peer": self.protocol.limits.max_circuit_conns,
+                "max_circuit_bytes": self.protocol.limits.data,
+                "max_circuit_s": self.protocol.limits.duration,
+            },
             "reservations": len(self.reserved),
             "relays": self.relays(),
         }
@@ -304,7 +312,11 @@ class Relay:
             log.debug("reservation on %s failed: %r", relay, exc)
         if ok:
             if relay not in self.reserved:
-                log.info("reserved a relay slot on %s", relay)
+                log.info(
+                    "reserved a relay slot on %s; behind NAT, reachable through relay %s",
+                    relay,
+                    ", ".join([*self.relays(), relay.to_base58()]),
+                )
             self.reserved[relay] = time.monotonic()
             self.stats["reservations_made"] += 1
         else:
