@@ -468,3 +468,21 @@ def test_rounds_that_keep_missing_a_peer_are_reported_in_the_health_field() -> N
     run(running([a, b], body()), clock)
     assert a.ex.incomplete_rounds >= 3
     assert a.ex.statistics()["diloco_health"].startswith("merges incomplete")
+
+
+def test_step_rounds_collect_for_at_least_a_few_of_our_own_step_times() -> None:
+    # A 0.5 B model on a CPU takes minutes a step: a peer one step behind publishes that much later.
+    from swarmnode.exchange.diloco import STEP_SLACK
+
+    clock = FakeClock()
+    p = make(Bus(), "peerA", clock, merge_every=10)
+
+    async def body() -> None:
+        base = p.ex.window()
+        assert base == p.ex.config.collect_seconds
+        for step in range(1, 4):
+            clock.advance(200.0)  # a slow step, no round ends (H > 3)
+            await p.ex.after_step(step, 4)
+        assert p.ex.window() == pytest.approx(STEP_SLACK * 200.0)
+
+    run(body(), clock)

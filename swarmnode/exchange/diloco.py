@@ -83,6 +83,10 @@ LIVE_TRIES = 4  # answers that disagree (replicas mid-merge) are asked again, LI
 LIVE_SPACING_S = 0.25
 
 
+# Step rounds collect for at least this many of our own step times (see ``DiLoCoExchange.window``).
+STEP_SLACK = 2.5
+
+
 @dataclass(slots=True)
 class _Pending:
     """A published round whose collection runs in the background."""
@@ -174,6 +178,8 @@ class DiLoCoExchange(BaseExchange):
         self._inboxes: dict[int, Inbox] = {}
         self._pending: _Pending | None = None
         self._said_observing = False
+        self._step_s = 0.0  # moving average of our wall time per step
+        self._last_step_at: float | None = None
         self._served_blob = ""
         self._ready = False
         self.clock_rounds: RoundClock | None = None
@@ -246,6 +252,11 @@ class DiLoCoExchange(BaseExchange):
 
     async def after_step(self, step: int, samples: int) -> None:
         """Apply a finished collection; start the next round when one ended."""
+        now = self.clock()
+        if self._last_step_at is not None:
+            dt = now - self._last_step_at
+            self._step_s = dt if self._step_s == 0 else 0.7 * self._step_s + 0.3 * dt
+        self._last_step_at = now
         self.step = step
         self.samples_since_publish += samples
         pending = self._pending
@@ -262,7 +273,7 @@ class DiLoCoExchange(BaseExchange):
         rnd, deadline = due
         if self.clock_rounds is None:
             # Step rounds: the window opens when we publish; that wait must not use up round r+1's.
-            deadline = self.clock() + self.config.collect_seconds
+            deadline = self.clock() + self.window()
         await self._publish(rnd, deadline)
 
     async def finish(self, stopped: bool) -> None:
@@ -292,12 +303,20 @@ class DiLoCoExchange(BaseExchange):
         ):
             await asyncio.sleep(0.05)
 
+    def window(self) -> float:
+        """How long a round collects. Step rounds: peers publish when they reach the same step, so
+        a peer a step or two behind us publishes that much later: at least ``STEP_SLACK`` of our
+        own step times (a 0.5 B model on a CPU takes minutes a step), else ``collect_seconds``."""
+        if self.clock_rounds is not None:
+            return self.config.collect_seconds
+        return max(self.config.collect_seconds, STEP_SLACK * self._step_s)
+
     def _due(self, step: int) -> tuple[int, float] | None:
         """(round to publish, its collection deadline on ``clock``) if a round ended at this step."""
         if self.clock_rounds is None:
             H = self.config.merge_every
             if step % H == 0:
-                return step // H, self.clock() + self.config.collect_seconds
+                return step // H, self.clock() + self.window()
             return None
         now = self.clock_rounds.current()
         if self._open_round is None:  # first step: we joined mid-round, take part from the next one
@@ -407,7 +426,7 @@ class DiLoCoExchange(BaseExchange):
             self.failed_rounds_in_row += 1
             missing = sorted(expected - set(contributions))
             why = "; ".join(self._pull_problems[:2]) or (
-                f"not published or not pulled within the {self.config.collect_seconds:g} s collection "
+                f"not published or not pulled within the {self.window():.0f} s collection "
                 "window (--collect-seconds, or --link-mbps to size it)"
             )
             self.last_round_problem = (
@@ -749,7 +768,7 @@ class DiLoCoExchange(BaseExchange):
             # round r+1 from it: merge that round with them (our Δ would be empty) so we land on the
             # anchor they land on, then take part from the round after.
             nxt = self.round + 1
-            task = self._tg.create_task(self._collect(nxt, self.clock() + self.config.collect_seconds))
+            task = self._tg.create_task(self._collect(nxt, self.clock() + self.window()))
             self._pending = _Pending(nxt, task)
         log.info(
             "%s from %s: round %d step %d (%s, support %d)",
