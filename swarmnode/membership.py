@@ -77,6 +77,7 @@ class _Heard:
     last: float
     count: int
     presence: Any
+    observed: int = -1  # the last round it merged as an observer (presence status "observing")
 
 
 @dataclass(slots=True)
@@ -198,6 +199,11 @@ class Membership:
         """Every presence held (plausible or not); ``plausible_presences`` is what to trust."""
         return {p: h.presence for p, h in self.peers.items()}
 
+    def observed(self, peer: str, rnd: int) -> bool:
+        """Whether ``peer`` said it merges round ``rnd`` as an observer (a joiner, no Δ of its own)."""
+        entry = self.peers.get(peer)
+        return entry is not None and entry.observed == rnd
+
     def presence_of(self, peer: str) -> Any:
         entry = self.peers.get(peer)
         return None if entry is None else entry.presence
@@ -274,7 +280,15 @@ class Membership:
             if old is None or not self._live(old.last, now):
                 heard = _Heard(first=now, last=now, count=1, presence=record)
             else:
-                heard = _Heard(first=old.first, last=now, count=min(old.count + 1, 1 << 20), presence=record)
+                heard = _Heard(
+                    first=old.first,
+                    last=now,
+                    count=min(old.count + 1, 1 << 20),
+                    presence=record,
+                    observed=old.observed,
+                )
+            if getattr(record, "status", "active") == "observing":
+                heard.observed = int(getattr(record, "round", 0)) + 1
             self.peers.touch(origin, heard)
         self._changed.set()
 

@@ -434,6 +434,8 @@ def test_a_late_joiner_catches_up_never_goes_back_and_merges() -> None:
     # round 3 the joiner merged as an observer (its Δ would be empty), round 4 as a contributor
     assert joiner.ex.round == 4
     assert not joiner.ex.observing
+    assert not any("round 3" in p.ex.last_round_problem for p in early)  # the observer is not missed
+    assert early[0].members.observed("joiner", 3)
     assert joiner.ex.merges == 2
     assert joiner.ex.merge_contributors == 3
     assert len({p.ex.anchor_hash for p in [*early, joiner]}) == 1

@@ -355,6 +355,7 @@ def test_an_observing_joiner_is_live_but_not_waited_for() -> None:
         assert a.presence_of("peerB").status == "observing"
         assert a.cohort_peers() == []
         assert "peerB" in a.live_peers()
+        assert a.observed("peerB", 2)  # its presence says round 1: it merges round 2 as an observer
         observing[0] = False
         await b.publish()
         await asyncio.sleep(0)

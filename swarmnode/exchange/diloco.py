@@ -420,7 +420,9 @@ class DiLoCoExchange(BaseExchange):
             contributions[self.me] = pending.own
         if not contributions:  # observed a round nobody's contribution reached us for
             return
-        expected = set(self.members.cohort_peers()) | {self.me} | set(contributions)
+        observers = getattr(self.members, "observed", lambda p, r: False)
+        expected = {p for p in self.members.cohort_peers() if not observers(p, pending.round)}
+        expected |= {self.me} | set(contributions)
         if pending.own is not None and len(contributions) < len(expected):
             self.incomplete_rounds += 1
             self.failed_rounds_in_row += 1
