@@ -121,6 +121,9 @@ def node_cmd(
     cmd += ["--model", str(model), "--dtype", "bfloat16", "--family", "reverse"]
     cmd += ["--optimizer", "demo", "--lr", "1e-5", "--diloco", "--inner-steps", str(args.inner_steps)]
     cmd += ["--outer-lr", "1.0", "--outer-momentum", "0"]
+    # A node waits up to this long for a peer's components when none arrived since its last step (steps
+    # take about a minute here, and the two nodes drift apart by part of one).
+    cmd += ["--demo-window", str(args.demo_window)]
     cmd += ["--group-size", "4", "--local-groups", "2", "--external-groups", "0", "--max-new-tokens", "8"]
     cmd += [
         "--eval-every",
@@ -220,10 +223,11 @@ def summarize(params: int, procs: list[Proc], joined_at: float | None, t0: float
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path("runs/bench-realsize"))
-    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--inner-steps", type=int, default=2)
     ap.add_argument("--join-round", type=int, default=2, help="the joiner starts once this round merged")
     ap.add_argument("--link-mbps", type=float, default=100.0)
+    ap.add_argument("--demo-window", type=float, default=60.0, help="seconds to wait for peers' DeMo")
     ap.add_argument("--timeout", type=float, default=3000.0)
     args = ap.parse_args()
     model = args.out / "model"

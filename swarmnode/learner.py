@@ -113,7 +113,7 @@ class Learner:
         }
         tensors["rng.torch"] = torch.get_rng_state()
         if self.diloco is not None:
-            ds = self.diloco.state_dict()
+            ds = self.diloco.state_dict(copy=False)  # written before the next outer step can run
             tensors.update({f"diloco.{k}": v for k, v in ds.items() if isinstance(v, torch.Tensor)})
             state["diloco"] = {k: v for k, v in ds.items() if not isinstance(v, torch.Tensor)}
         from swarmnode.checkpoint import optimizer_to_tensors

@@ -155,3 +155,28 @@ def test_replay_fresh_takes_newest_first_and_authors_take_turns():
     assert len(buf) == 1
     with pytest.raises(ValueError, match="prefer"):
         ReplayConfig(prefer="random")  # type: ignore[arg-type]
+
+
+def test_checkpoint_tensors_are_written_one_at_a_time_in_the_safetensors_format(tmp_path) -> None:
+    from safetensors.torch import load_file
+
+    from swarmnode.checkpoint import write_safetensors
+
+    base = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    tensors = {
+        "w.bf16": torch.randn(5, 3).to(torch.bfloat16),
+        "w.t": base.t(),  # not contiguous
+        "w.view": base[1],  # shares storage with base
+        "scalar": torch.tensor(3.5, dtype=torch.float64),
+        "empty": torch.zeros(0, 7),
+        "mask": torch.tensor([True, False, True]),
+        "rng": torch.get_rng_state(),
+    }
+    write_safetensors(tmp_path / "t.safetensors", tensors)
+    back = load_file(str(tmp_path / "t.safetensors"))
+    assert sorted(back) == sorted(tensors)
+    for name, t in tensors.items():
+        assert back[name].dtype == t.dtype
+        assert torch.equal(back[name], t)
+    with pytest.raises(ValueError, match="complex"):
+        write_safetensors(tmp_path / "c.safetensors", {"z": torch.zeros(2, dtype=torch.complex64)})

@@ -278,16 +278,21 @@ class DiLoCo:
 
     # -- checkpoints and joiners ----------------------------------------------------------------
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, *, copy: bool = True) -> dict[str, Any]:
         """Tensors and plain scalars only (safetensors/JSON friendly, no pickle needed).
 
         Keys: ``anchor.<name>``, ``momentum.<name>`` (present once a step was taken),
         ``residual.<name>`` (the sparse codec's error feedback, once it kept any) and scalars
         ``lr``, ``momentum``, ``nesterov``, ``outer_steps``.
         """
-        out: dict[str, Any] = {f"anchor.{n}": t.detach().cpu().clone() for n, t in self.anchor.items()}
-        out.update({f"momentum.{n}": t.detach().cpu().clone() for n, t in self.buffers.items()})
-        out.update({f"residual.{n}": t.detach().cpu().clone() for n, t in self.feedback.residual.items()})
+
+        def get(t: torch.Tensor) -> torch.Tensor:
+            # copy=False: the live tensors (a checkpoint written before the next outer step needs no copy)
+            return t.detach().cpu().clone() if copy else t.detach().cpu()
+
+        out: dict[str, Any] = {f"anchor.{n}": get(t) for n, t in self.anchor.items()}
+        out.update({f"momentum.{n}": get(t) for n, t in self.buffers.items()})
+        out.update({f"residual.{n}": get(t) for n, t in self.feedback.residual.items()})
         out.update(lr=self.lr, momentum=self.momentum, nesterov=self.nesterov, outer_steps=self.outer_steps)
         return out
 
