@@ -69,6 +69,9 @@ class MembershipConfig:
             raise ValueError(f"max_peers must be >= 1, got {self.max_peers}")
 
 
+RECENT_STATES = 4
+
+
 @dataclass(slots=True)
 class _Heard:
     """One peer's presence history: enough to judge plausibility, nothing that grows."""
@@ -78,6 +81,8 @@ class _Heard:
     count: int
     presence: Any
     observed: int = -1  # the last round it merged as an observer (presence status "observing")
+    # the last few (round, step, anchor) it advertised: replicas a round apart still attest a state
+    recent: tuple[tuple[int, int, str], ...] = ()
 
 
 @dataclass(slots=True)
@@ -199,6 +204,11 @@ class Membership:
         """Every presence held (plausible or not); ``plausible_presences`` is what to trust."""
         return {p: h.presence for p, h in self.peers.items()}
 
+    def recent_states(self, peer: str) -> tuple[tuple[int, int, str], ...]:
+        """The last few (round, step, anchor hash) ``peer`` advertised, oldest first."""
+        entry = self.peers.get(peer)
+        return () if entry is None else entry.recent
+
     def observed(self, peer: str, rnd: int) -> bool:
         """Whether ``peer`` said it merges round ``rnd`` as an observer (a joiner, no Δ of its own)."""
         entry = self.peers.get(peer)
@@ -286,9 +296,13 @@ class Membership:
                     count=min(old.count + 1, 1 << 20),
                     presence=record,
                     observed=old.observed,
+                    recent=old.recent,
                 )
             if getattr(record, "status", "active") == "observing":
                 heard.observed = int(getattr(record, "round", 0)) + 1
+            state = (int(getattr(record, "round", 0)), int(getattr(record, "step", 0)), record.anchor_hash)
+            if state[2] and all((r, a) != (state[0], state[2]) for r, _, a in heard.recent):
+                heard.recent = (*heard.recent, state)[-RECENT_STATES:]
             self.peers.touch(origin, heard)
         self._changed.set()
 

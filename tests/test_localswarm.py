@@ -146,7 +146,7 @@ def test_late_joiner_catches_up(tmp_path: Path, tiny_model: str) -> None:
 
     # The first two run far longer than the test needs (the test stops them), so however slowly the
     # joiner loads torch and its model on a loaded machine, there is a live cohort to catch up with.
-    plan = SwarmPlan(nodes=2, steps=5000, merge_every=2, out=tmp_path, model=tiny_model, node_args=REAL_ARGS)
+    plan = SwarmPlan(nodes=2, steps=5000, merge_every=20, out=tmp_path, model=tiny_model, node_args=REAL_ARGS)
     nodes = [_start(plan, 0, "", None)]
     try:
         boot = wait_multiaddr(nodes[0], 120)
@@ -161,7 +161,7 @@ def test_late_joiner_catches_up(tmp_path: Path, tiny_model: str) -> None:
         joiner_plan = SwarmPlan(
             nodes=3,
             steps=5000,
-            merge_every=2,
+            merge_every=20,
             out=tmp_path,
             model=tiny_model,
             node_args=[*REAL_ARGS, "--seed", "7"],

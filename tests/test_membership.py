@@ -362,3 +362,22 @@ def test_an_observing_joiner_is_live_but_not_waited_for() -> None:
         assert a.cohort_peers() == ["peerB"]
 
     run(_run_for([a, b], body()), clock)
+
+
+def test_a_peer_s_last_few_advertised_states_are_kept() -> None:
+    # A replica a round ahead still attests the state its peer serves now.
+    clock = FakeClock()
+    bus = Bus()
+    rnd = [1]
+    a, _ = make(bus, "peerA", clock)
+    b, _ = make(bus, "peerB", clock)
+    b.status = lambda: Status(step=3 * rnd[0], round=rnd[0], anchor_hash=f"{rnd[0]:02d}" * 32)
+
+    async def body() -> None:
+        for r in range(1, 8):
+            rnd[0] = r
+            await settle(1.5)  # a presence or two each round: the same state twice is kept once
+        assert a.recent_states("peerB") == tuple((r, 3 * r, f"{r:02d}" * 32) for r in range(4, 8))
+        assert a.recent_states("nobody") == ()
+
+    run(_run_for([a, b], body()), clock)

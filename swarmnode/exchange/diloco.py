@@ -614,6 +614,21 @@ class DiLoCoExchange(BaseExchange):
                 if o is not None:
                     seen[(o.peer, o.round, o.anchor_hash)] = o
                     latest[o.peer] = (o.round, o.anchor_hash)
+            # A replica a round ahead served the state its peer serves now a round ago: its signed
+            # presences say so (peers of one network still count once).
+            recent = getattr(self.members, "recent_states", lambda p: ())
+            for p in peers:
+                for rnd, donor_step, anchor in recent(p):
+                    ok = check_claim(
+                        rnd,
+                        donor_step,
+                        my_round=my_round,
+                        my_step=step,
+                        max_round=limit,
+                        max_steps_per_round=max_steps,
+                    )
+                    if ok is None:
+                        seen.setdefault((p, rnd, anchor), Offer(p, rnd, donor_step, anchor))
             addresses = remote_addresses(self.host)
             live = choose_donor(
                 list(seen.values()),
