@@ -85,7 +85,7 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
         for name in names:
             t = tensors[name].detach().to("cpu").contiguous()  # a copy only if it was not contiguous
             if t.numel():
-                f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+                f.write(t.reshape(-1).view(torch.uint8).numpy().data)
 
 
 class CheckpointManager:
