@@ -582,13 +582,8 @@ class DiLoCoExchange(BaseExchange):
         peers = list(decision.candidates[:LIVE_ASK])
         my_round = self.round
 
-        async def ask(peer: str) -> Offer | None:
-            try:
-                m = await asyncio.wait_for(request_manifest(self.host, self.cohort, peer), LIVE_TIMEOUT_S)
-                rnd, donor_step, anchor = int(m.round), int(m.step), str(m.anchor_hash)
-            except Exception:  # a peer that does not answer attests nothing
-                return None
-            why = check_claim(
+        def implausible(rnd: int, donor_step: int) -> str | None:
+            return check_claim(
                 rnd,
                 donor_step,
                 my_round=my_round,
@@ -596,6 +591,14 @@ class DiLoCoExchange(BaseExchange):
                 max_round=limit,
                 max_steps_per_round=max_steps,
             )
+
+        async def ask(peer: str) -> Offer | None:
+            try:
+                m = await asyncio.wait_for(request_manifest(self.host, self.cohort, peer), LIVE_TIMEOUT_S)
+                rnd, donor_step, anchor = int(m.round), int(m.step), str(m.anchor_hash)
+            except Exception:  # a peer that does not answer attests nothing
+                return None
+            why = implausible(rnd, donor_step)
             if why is not None:
                 self._refuse("claim", peer, why)
                 return None
@@ -607,6 +610,13 @@ class DiLoCoExchange(BaseExchange):
         latest: dict[str, tuple[int, str]] = {}
         live: Choice | None = None
         addresses: dict[str, str] = {}
+        # A replica a round ahead served the state its peer serves now a round ago: its signed
+        # presences say so (peers of one network still count once).
+        recent = getattr(self.members, "recent_states", lambda p: ())
+        for p in peers:
+            for rnd, donor_step, anchor in recent(p):
+                if implausible(rnd, donor_step) is None:
+                    seen[(p, rnd, anchor)] = Offer(p, rnd, donor_step, anchor)
         for attempt in range(LIVE_TRIES):
             if attempt:
                 await asyncio.sleep(LIVE_SPACING_S)
@@ -614,21 +624,6 @@ class DiLoCoExchange(BaseExchange):
                 if o is not None:
                     seen[(o.peer, o.round, o.anchor_hash)] = o
                     latest[o.peer] = (o.round, o.anchor_hash)
-            # A replica a round ahead served the state its peer serves now a round ago: its signed
-            # presences say so (peers of one network still count once).
-            recent = getattr(self.members, "recent_states", lambda p: ())
-            for p in peers:
-                for rnd, donor_step, anchor in recent(p):
-                    ok = check_claim(
-                        rnd,
-                        donor_step,
-                        my_round=my_round,
-                        my_step=step,
-                        max_round=limit,
-                        max_steps_per_round=max_steps,
-                    )
-                    if ok is None:
-                        seen.setdefault((p, rnd, anchor), Offer(p, rnd, donor_step, anchor))
             addresses = remote_addresses(self.host)
             live = choose_donor(
                 list(seen.values()),
