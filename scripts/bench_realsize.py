@@ -121,8 +121,8 @@ def node_cmd(
     cmd += ["--model", str(model), "--dtype", "bfloat16", "--family", "reverse"]
     cmd += ["--optimizer", "demo", "--lr", "1e-5", "--diloco", "--inner-steps", str(args.inner_steps)]
     cmd += ["--outer-lr", "1.0", "--outer-momentum", "0"]
-    # A node waits up to this long for a peer's components when none arrived since its last step (steps
-    # take about a minute here, and the two nodes drift apart by part of one).
+    # A step waits up to this long until one peer's whole step of components is in (steps take about a
+    # minute here, a merge holds a node's next step back by another, and the nodes drift apart).
     cmd += ["--demo-window", str(args.demo_window)]
     cmd += ["--group-size", "4", "--local-groups", "2", "--external-groups", "0", "--max-new-tokens", "8"]
     cmd += [
@@ -145,16 +145,14 @@ def summarize(params: int, procs: list[Proc], joined_at: float | None, t0: float
     rows = [p.rows() for p in procs]
     step_s = [r["step_s"] for rr in rows[:2] for r in rr[1:] if r.get("step_s")]
     demo_bytes = [r["demo_bytes_per_step"] for rr in rows for r in rr if r.get("demo_bytes_per_step")]
+    # Peers whose components each step applied (the last metrics row of each step, after the first).
     peers_per_step: list[int] = []
+    zero_steps: list[list[int]] = []
     for rr in rows:
-        prev = None
-        for r in rr:
-            if "demo_peers_used" not in r or r.get("step", 0) <= 1:
-                prev = r.get("demo_peers_used", prev)
-                continue
-            if prev is not None:
-                peers_per_step.append(int(r["demo_peers_used"]) - int(prev))
-            prev = r["demo_peers_used"]
+        by_step = {int(r["step"]): int(r["demo_peers_last_step"]) for r in rr if "demo_peers_last_step" in r}
+        used = [(s, n) for s, n in sorted(by_step.items()) if s > min(by_step, default=0)]
+        peers_per_step += [n for _, n in used]
+        zero_steps.append([s for s, n in used if n == 0])
     # per round: (contributors, anchor, own) of every node that merged it
     merged: dict[int, list[tuple[int, str, bool]]] = {}
     for rr in rows:
@@ -195,6 +193,7 @@ def summarize(params: int, procs: list[Proc], joined_at: float | None, t0: float
         ),
         "demo_peers_used_mean": round(sum(peers_per_step) / len(peers_per_step), 3) if peers_per_step else 0,
         "demo_peers_used_min_after_first": min(peers_per_step) if peers_per_step else 0,
+        "demo_steps_without_peers": zero_steps,
         "demo_send_failures": sum(r.get("demo_send_failures", 0) for r in last),
         "delta_bytes_per_round": max((r.get("diloco_delta_bytes", 0) for r in last), default=0),
         "delta_bytes_per_param": round(
@@ -227,7 +226,12 @@ def main() -> int:
     ap.add_argument("--inner-steps", type=int, default=2)
     ap.add_argument("--join-round", type=int, default=2, help="the joiner starts once this round merged")
     ap.add_argument("--link-mbps", type=float, default=100.0)
-    ap.add_argument("--demo-window", type=float, default=60.0, help="seconds to wait for peers' DeMo")
+    ap.add_argument(
+        "--demo-window",
+        type=float,
+        default=180.0,
+        help="seconds a step waits for one peer's whole step of DeMo components",
+    )
     ap.add_argument("--timeout", type=float, default=3000.0)
     args = ap.parse_args()
     model = args.out / "model"

@@ -206,10 +206,10 @@ class DemoSection:
     use_dct: bool = True
     value_codec: Literal["int8", "sign"] = "int8"  # the codecs compression/values.py implements
     gossip: bool = True
-    window_s: float = 0.0  # > 0: a step waits this long for peers' components when none arrived
+    window_s: float = 0.0  # > 0: a step waits up to this long for one peer's whole step of components
 
     def __post_init__(self) -> None:
-        _range("window_s", self.window_s, 0.0, 60.0)
+        _range("window_s", self.window_s, 0.0, 600.0)
         _range("chunk", self.chunk, 2, 4096)
         _range("topk", self.topk, 1, self.chunk * self.chunk)
 

@@ -17,6 +17,7 @@ import selectors
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -230,6 +231,19 @@ class FakeHost:
                 host.served_bytes += len(data)
                 return data
         raise LookupError(f"no provider has blob {content_hash[:8]}")
+
+    async def fetch_file(
+        self,
+        content_hash: str,
+        providers: list[str],
+        path: Any,
+        *,
+        max_size: int,
+        timeout: float = 60.0,  # noqa: ASYNC109
+    ) -> int:
+        data = await self.fetch(content_hash, providers, max_size=max_size, timeout=timeout)
+        Path(path).write_bytes(data)  # noqa: ASYNC240 (a test double: small blobs)
+        return len(data)
 
     def set_request_handler(
         self, protocol_id: str, handler: Callable[[str, bytes], Awaitable[bytes]]

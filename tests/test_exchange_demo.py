@@ -5,6 +5,7 @@ dropped and counted."""
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
@@ -174,3 +175,38 @@ def test_hostile_components_are_dropped_and_counted() -> None:
 def test_config_rejects_a_negative_window() -> None:
     with pytest.raises(ValueError, match="window_s"):
         DemoGossipConfig(window_s=-1.0)
+
+
+def test_a_window_waits_for_a_peers_whole_step_not_its_first_message() -> None:
+    # A real-size step is ~15 messages: applying only the first would use a few tensors of the peer.
+    clock = FakeClock()
+    bus = Bus()
+    a, b = make(bus, "peerA", 1, window_s=30.0), make(bus, "peerB", 2)
+    eve_b = FakeHost(bus, "peerB")  # publishes peerB's messages one at a time, under its name
+    b.ex.optimizer.zero_grad()
+    b.model(torch.ones(2, 70)).pow(2).sum().backward()
+    parts = encode_demo(
+        "peerB", COHORT_A, 0, b.demo.compute_components(), spec_of(b.model, b.demo), "int8", 200
+    )
+    assert len(parts) >= 3  # the weight's chunk ranges and the bias, each decodable alone
+    waited: list[bool] = []
+
+    async def body() -> None:
+        # A plain thread, not the loop's executor: fake time must keep moving (and deliver the parts)
+        # while the step waits, which it cannot while an executor job runs.
+        stepping = threading.Thread(target=a.step)
+        stepping.start()
+        for data in parts[:-1]:
+            await eve_b.publish(TOPIC, data)
+            await settle()
+            await asyncio.to_thread(stepping.join, 0.2)
+            waited.append(stepping.is_alive())
+        await eve_b.publish(TOPIC, parts[-1])
+        await settle()
+        await asyncio.to_thread(stepping.join, 10)
+        assert not stepping.is_alive()
+
+    run(running([a], body()), clock)
+    assert waited == [True] * (len(parts) - 1)  # still waiting while parts were missing
+    assert a.ex.used == a.ex.statistics()["demo_peers_last_step"] == 1
+    assert a.ex.blocked_s < 10  # released by the last part, not by the 30 s window

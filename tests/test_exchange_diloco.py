@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Coroutine
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -59,6 +60,7 @@ def make(
     *,
     drift: float = 0.1,
     cohort: str = COHORT_A,
+    spill: Path | None = None,
     **rounds: Any,
 ) -> Peer:
     learner = TinyLearner(drift=drift, fingerprint=cohort)
@@ -75,7 +77,12 @@ def make(
     rounds = {"merge_every": 3, "collect_seconds": 10.0, "join_wait_s": 0.0, **rounds}
     config = RoundsConfig(swarm=SWARM, **rounds)
     # lr 1, no momentum: the outer step moves the anchor to the (robust) mean of the replicas
-    diloco = DiLoCo(learner.model.named_parameters(), lr=1.0, momentum=0.0)
+    diloco = DiLoCo(
+        learner.model.named_parameters(),
+        lr=1.0,
+        momentum=0.0,
+        spill_dir=None if spill is None else spill / name,
+    )
     ex = DiLoCoExchange(
         config,
         host=host,
@@ -128,6 +135,38 @@ def test_three_replicas_merge_to_one_anchor_and_report_their_spread() -> None:
     assert not torch.equal(peers[0].w(), torch.zeros(16))
     # every blob was pulled from its author: two peers each
     assert all(p.host.served_bytes > 0 for p in peers)
+
+
+def test_blobs_pulled_into_files_merge_to_the_same_anchor_as_in_memory_and_leave_no_files(
+    tmp_path: Path,
+) -> None:
+    # Real sizes: each Δ is written to / pulled into a file and merged from a read-only mapping of it.
+    def rounds(spill: Path | None) -> list[str]:
+        clock = FakeClock()
+        bus = Bus()
+        peers = [
+            make(bus, f"peer{c}", clock, drift=d, spill=spill)
+            for c, d in zip("ABC", (0.1, 0.2, 0.3), strict=True)
+        ]
+
+        async def body() -> None:
+            for until in (3, 6):
+                for p in peers:
+                    await train(p, until)
+                await asyncio.gather(*(p.ex.drain() for p in peers))
+
+        run(running(peers, body()), clock)
+        for p in peers:
+            assert (p.ex.statistics()["merges"], p.ex.statistics()["merge_contributors"]) == (2, 3)
+        return [p.ex.anchor_hash for p in peers]
+
+    in_memory = rounds(None)
+    in_files = rounds(tmp_path)
+    assert len(set(in_memory)) == 1
+    assert in_files == in_memory
+    # the mappings unlinked their files at once: nothing is left behind, whatever happens later
+    assert [f.name for f in tmp_path.rglob("*.blob*")] == []
+    assert [f.name for f in tmp_path.rglob("*.part")] == []
 
 
 def test_a_dead_peer_is_left_out_at_the_deadline_and_survivors_agree() -> None:

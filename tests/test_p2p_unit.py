@@ -307,16 +307,23 @@ def test_two_hosts_gossip_requests_and_blobs(tmp_path: Path) -> None:
                 blob = os.urandom(300_000)
                 digest = a.provide_blob(blob)
                 assert await b.fetch(digest, [a.peer_id], max_size=1 << 20) == blob
+                # Into a file (a 0.5 GB Δ never lives in memory), hashed as it is written.
+                target = tmp_path / "pulled.blob"
+                assert await b.fetch_file(digest, [a.peer_id], target, max_size=1 << 20) == len(blob)
+                assert target.read_bytes() == blob
                 with pytest.raises(TransportError, match="over the"):
                     await b.fetch(digest, [a.peer_id], max_size=1000)
                 # A provider serving other bytes under the hash is caught by the hash check.
                 a._blobs._blobs[digest] = b"evil"
                 with pytest.raises(TransportError, match="does not match the hash"):
                     await b.fetch(digest, [a.peer_id], max_size=1 << 20)
+                with pytest.raises(TransportError, match="does not match the hash"):
+                    await b.fetch_file(digest, [a.peer_id], target, max_size=1 << 20)
+                assert target.read_bytes() == b""  # nothing unverified is left in the file
                 a.remove_blob(digest)
                 with pytest.raises(TransportError, match="unknown blob"):
                     await b.fetch(digest, [a.peer_id], max_size=1 << 20)
-                assert b.statistics()["blobs"]["fetched"] == 1
+                assert b.statistics()["blobs"]["fetched"] == 2
             # Subscriptions end when their host closes.
             assert [m async for m in at_b] == []
 

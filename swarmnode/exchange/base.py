@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -45,6 +46,15 @@ class Host(Protocol):
         max_size: int,
         timeout: float = ...,  # noqa: ASYNC109
     ) -> bytes: ...
+    async def fetch_file(
+        self,
+        content_hash: str,
+        providers: list[str],
+        path: str | os.PathLike[str],
+        *,
+        max_size: int,
+        timeout: float = ...,  # noqa: ASYNC109
+    ) -> int: ...
     def connected_peers(self) -> list[str]: ...
 
 

@@ -8,9 +8,10 @@ older one), and applies the aggregate of our own and each
 peer's newest components that arrived since our previous step (the inbox is emptied every step, so
 whatever is in it is fresh, whatever the peer's step counter says: with wall-clock rounds counters
 drift apart without bound). ``max_lag`` (off by default) also drops components whose step number is
-further than that from ours. ``window_s`` > 0 waits that long when nothing has arrived yet; the
-default never waits, because a fresh peer message is rarely worth the step it would cost. Any wait
-is counted in ``blocked_s``.
+further than that from ours. ``window_s`` > 0 waits up to that long until one peer's step has
+arrived in full (every tensor, every chunk range: a real-size step is ~15 messages); the default never
+waits, because a fresh peer message is rarely worth the step it would cost. Any wait is counted in
+``blocked_s``, and the peers used by the last step are ``demo_peers_last_step``.
 """
 
 from __future__ import annotations
@@ -171,6 +172,7 @@ class DemoExchange(BaseExchange):
         self.step_no = 0
         self.blocked_s = 0.0
         self.used = 0
+        self.last_used = 0
         self.send_failures = 0
         self.last_messages = 0  # messages and bytes of the last step sent
         self.last_bytes = 0
@@ -259,16 +261,31 @@ class DemoExchange(BaseExchange):
         self._inbox.clear()
         return len(fresh), fresh
 
+    def _complete(self, names: list[str]) -> bool:
+        """Some peer's step has arrived in full: every one of our tensors, all its chunks (a real-size
+        step is many messages; the first alone holds a few tensors)."""
+        for _, groups in self._inbox.values():
+            rows: dict[str, int] = {}
+            for g in groups:
+                for name, (idx, _, _) in g.items():
+                    rows[name] = rows.get(name, 0) + int(idx.shape[0])
+            if all(rows.get(n, 0) >= self.spec(n)[1] for n in names):
+                return True
+        return False
+
     def _step(self, demo: Any) -> None:
         own = demo.compute_components()
         self._publish_threadsafe(self.step_no, own)
         t0 = time.monotonic()
+        names = list(own)
         with self._cond:
-            if not self._inbox and self.config.window_s > 0:
-                self._cond.wait(self.config.window_s)
+            if self.config.window_s > 0:
+                # Until one peer's whole step is here (or the window ends: then whatever arrived).
+                self._cond.wait_for(lambda: self._complete(names), timeout=self.config.window_s)
             n_peers, peers = self._take()
         self.blocked_s += time.monotonic() - t0
         self.used += n_peers
+        self.last_used = n_peers
         demo.apply_components(peers)
         self.step_no += 1
 
@@ -279,6 +296,7 @@ class DemoExchange(BaseExchange):
             if failing
             else "ok",
             "demo_peers_used": self.used,
+            "demo_peers_last_step": self.last_used,
             "demo_send_failures": self.send_failures,
             "demo_bytes_per_step": self.last_bytes,
             "demo_messages_per_step": self.last_messages,

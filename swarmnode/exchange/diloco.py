@@ -46,7 +46,7 @@ from swarmnode.exchange.catchup import (
     snapshot_of,
 )
 from swarmnode.exchange.collect import Inbox, admit, collect_round
-from swarmnode.exchange.merge import Contribution, check_delta, merge
+from swarmnode.exchange.merge import Contribution, check_delta, mapped_blob, merge
 from swarmnode.membership import Membership
 from swarmnode.protocol import RoundManifest, codec, topics
 from swarmnode.rounds import RoundClock, RoundsConfig
@@ -349,15 +349,26 @@ class DiLoCoExchange(BaseExchange):
     # -- publish and collect ----------------------------------------------------------------------
 
     async def _publish(self, rnd: int, deadline: float) -> None:
-        def encode() -> tuple[dict[str, Any], bytes, float]:
+        blob_dir = self._blob_dir()
+
+        def encode() -> tuple[dict[str, Any], bytes, float, str]:
             # θ at publish time first, then Δ = anchor − θ streamed into the encoder one tensor at a
             # time (training is paused at a step boundary, so both see the same θ)
             published = self.diloco.local_snapshot()
-            blob = self.diloco.encode_pseudo_gradient(self.config.codec)  # sparse: error feedback
-            return published, blob, check_delta(blob, self.max_blob_bytes, self.shapes)
+            if blob_dir is None:
+                blob = self.diloco.encode_pseudo_gradient(self.config.codec)  # sparse: error feedback
+                digest = ""
+            else:  # into a file, served and merged from a read-only mapping of it (page cache)
+                path = blob_dir / f"own-{rnd}.blob"
+                _, digest = self.diloco.write_pseudo_gradient(path, self.config.codec)
+                blob = mapped_blob(path)
+            return published, blob, check_delta(blob, self.max_blob_bytes, self.shapes), digest
 
-        published, blob, norm = await asyncio.to_thread(encode)
-        content_hash = self.host.provide_blob(blob)
+        published, blob, norm, content_hash = await asyncio.to_thread(encode)
+        if content_hash:
+            self.host.provide_view(content_hash, len(blob), lambda lo, hi: blob[lo:hi])
+        else:
+            content_hash = self.host.provide_blob(blob)
         # Averaging weight: groups trained on since the last publish (DiLoCo weights by samples).
         weight = float(max(1, self.samples_since_publish))
         self.samples_since_publish = 0
@@ -398,7 +409,21 @@ class DiLoCoExchange(BaseExchange):
             if int(m.size) > limit:
                 raise ValueError(f"announces {m.size} bytes, over this model's cap of {limit}")
             timeout = max(1.0, deadline - self.clock())
-            data = await self.host.fetch(m.content_hash, [m.author], max_size=int(m.size), timeout=timeout)
+            blob_dir = self._blob_dir()
+            data: bytes
+            if blob_dir is None:
+                data = await self.host.fetch(
+                    m.content_hash, [m.author], max_size=int(m.size), timeout=timeout
+                )
+            else:  # a 0.5 GB Δ goes to disk as it arrives and is merged from a mapping of the file
+                path = blob_dir / f"in-{m.content_hash[:32]}.part"
+                try:
+                    await self.host.fetch_file(
+                        m.content_hash, [m.author], path, max_size=int(m.size), timeout=timeout
+                    )
+                    data = mapped_blob(path)
+                finally:
+                    path.unlink(missing_ok=True)
             self.traffic.bytes_received += len(data)
             norm = await asyncio.to_thread(check_delta, data, limit, self.shapes)
         except Exception as exc:  # any failure leaves this peer out of the round
@@ -407,6 +432,16 @@ class DiLoCoExchange(BaseExchange):
             log.info("pseudo-gradient fetch from %s failed: %s", m.author, exc)
             return None
         return Contribution(data, float(m.weight), norm)
+
+    def _blob_dir(self) -> Path | None:
+        """Where Δ blobs are written and mapped from (the outer optimiser's spill directory), or None:
+        in memory."""
+        spill = getattr(self.diloco, "spill_dir", None)
+        if spill is None:
+            return None
+        path = Path(spill) / "blobs"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
 
     async def _apply(self, pending: _Pending) -> None:
         self._pending = None

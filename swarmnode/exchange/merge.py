@@ -4,9 +4,11 @@ A contribution is a peer's encoded Δ blob (int8: 0.5 GB at 0.5 B params, its fp
 2 GB; sparse: ~9 MB), its averaging weight and its global L2 norm. The blob's header names its codec,
 so one merge takes int8 and sparse contributions alike, whatever this node sends. Every blob is validated once, on arrival
 (``check_delta``: the names and shapes of our model, finite values, the norm in the same pass), so the
-merge itself cannot fail half-way. The merge then decodes one tensor from every blob at a time,
-combines them and hands the result to ``DiLoCo.outer_step_streaming``: the peak extra memory is a few
-copies of the largest tensor, not of the model.
+merge itself cannot fail half-way. The merge then decodes one band (``pseudograd.BAND_NUMEL`` values)
+of one tensor from every blob at a time, combines them and hands the result to
+``DiLoCo.outer_step_bands``: the peak extra memory is a few bands per contributor, not copies of the
+largest tensor (a sparse blob decodes a tensor at a time). The blobs themselves may be memory-mapped
+files (what the exchange pulls them into), so n contributions of 0.5 GB are page cache, not heap.
 
 Weights: each peer's claimed weight is capped by ``max_weight`` (what a peer can have trained on in a
 round), each contribution is clipped to the median global norm (Templar's rule, so one 1000×
@@ -19,17 +21,33 @@ and every step is deterministic, so replicas that merged the same blobs land on 
 from __future__ import annotations
 
 import math
+import mmap
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 
 from swarmnode.aggregate import bound_weights, clip_scales, combine
-from swarmnode.compression.pseudograd import delta_sq_norms, iter_decode_delta
+from swarmnode.compression.pseudograd import BAND_NUMEL, delta_sq_norms, iter_decode_bands
 from swarmnode.protocol.errors import ProtocolError
 
-__all__ = ["Contribution", "MergeReport", "check_delta", "merge"]
+__all__ = ["Contribution", "MergeReport", "check_delta", "mapped_blob", "merge"]
+
+
+def mapped_blob(path: str | os.PathLike[str]) -> bytes:
+    """The file at ``path`` as a read-only memory map, and the file unlinked: the mapping keeps its
+    pages (page cache the kernel may drop and re-read, not heap) until the last reference to it goes,
+    and nothing is left on disk whatever happens to the process. Typed as bytes: it slices, measures
+    and exports a buffer like them."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            raise ValueError(f"{path}: empty blob")
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    os.unlink(path)
+    return cast(bytes, mapped)
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +94,7 @@ def merge(
     max_weight: float,
     published_local: Mapping[str, torch.Tensor] | None,
     method: str = "trimmed",
+    band: int = BAND_NUMEL,
 ) -> MergeReport:
     """Average the contributions (sorted by author by the caller) with ``aggregate.combine`` and
     take the outer step; see ``swarmnode.aggregate`` for what each method tolerates."""
@@ -84,23 +103,23 @@ def merge(
     scales = clip_scales([c.norm for c in contribs])
     report.clipped = sum(1 for s in scales if s < 1.0)
     shapes = diloco.shapes()
-    streams = [iter_decode_delta(c.blob, max_bytes, shapes=shapes) for c in contribs]
+    streams = [iter_decode_bands(c.blob, max_bytes, shapes=shapes, band=band) for c in contribs]
     spread_sq = [0.0] * len(contribs)
 
-    def averaged() -> Iterator[tuple[str, torch.Tensor]]:
+    def averaged() -> Iterator[tuple[str, int, int, torch.Tensor]]:
         for parts in zip(*streams, strict=True):
-            name = parts[0][0]
-            tensors = [t for n, t in parts if n == name]
-            if len(tensors) != len(parts):  # check_delta ran on every blob: only a bug gets here
-                raise RuntimeError(f"contributions disagree on tensor order at {name!r}")
-            if len(tensors) > 1:
-                mean = torch.stack(tensors).mean(dim=0) if tensors[0].numel() < 1 << 22 else _mean(tensors)
-                for i, t in enumerate(tensors):
+            name, lo, hi, _ = parts[0]
+            bands = [t for n, a, b, t in parts if (n, a, b) == (name, lo, hi)]
+            if len(bands) != len(parts):  # check_delta ran on every blob: only a bug gets here
+                raise RuntimeError(f"contributions disagree on band order at {name!r}[{lo}:{hi}]")
+            if len(bands) > 1:
+                mean = _mean(bands)
+                for i, t in enumerate(bands):
                     spread_sq[i] += float((t - mean).pow(2).sum())
                 del mean
-            yield name, combine(tensors, weights, scales, method=method)
+            yield name, lo, hi, combine(bands, weights, scales, method=method)
 
-    report.carried = diloco.outer_step_streaming(averaged(), published_local=published_local)
+    report.carried = diloco.outer_step_bands(averaged(), published_local=published_local)
     report.replica_distance = sum(v**0.5 for v in spread_sq) / len(spread_sq) if len(contribs) > 1 else 0.0
     return report
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from swarmnode.compression.pseudograd import encode_delta
+from swarmnode.compression.pseudograd import encode_delta, write_delta
 from swarmnode.compression.sparsedelta import ErrorFeedback, SparseParams
 
 __all__ = ["DiLoCo", "hash_anchor"]
@@ -48,6 +48,7 @@ def hash_anchor(anchor: Mapping[str, torch.Tensor]) -> str:
 
 
 ANCHOR_FILE = "anchor.f32"
+MOMENTUM_FILE = "momentum.f32"
 SNAPSHOT_FILE = "published.safetensors"
 
 
@@ -102,9 +103,10 @@ class DiLoCo:
         if not self.params:
             raise ValueError("DiLoCo needs at least one parameter")
         # fp32 anchor even for bf16 models: the outer step adds small lr·Δ updates that bf16 would round away.
-        # With ``spill_dir`` (CPU models) the anchor lives in a memory-mapped file there and the publish-time
-        # snapshot in a file beside it: both are touched twice a round, so the kernel may page them out in
-        # between instead of holding 2 + 1 GB of anonymous memory for a 0.5 B model.
+        # With ``spill_dir`` (CPU models) the anchor and the momentum live in memory-mapped files there and
+        # the publish-time snapshot in a file beside them: all are touched once or twice a round, so the
+        # kernel may page them out in between instead of holding 2 + 2 + 1 GB of anonymous memory for a
+        # 0.5 B model.
         self.spill_dir = Path(spill_dir) if spill_dir is not None else None
         self.anchor: dict[str, torch.Tensor] = self._new_anchor()
         self.buffers: dict[str, torch.Tensor] = {}
@@ -116,17 +118,9 @@ class DiLoCo:
         on_cpu = all(p.device.type == "cpu" for p in self.params.values())
         if self.spill_dir is None or not on_cpu:
             return {n: p.detach().to(dtype=torch.float32, copy=True) for n, p in self.params.items()}
-        self.spill_dir.mkdir(parents=True, exist_ok=True)
-        total = sum(p.numel() for p in self.params.values())
-        flat = torch.from_file(
-            str(self.spill_dir / ANCHOR_FILE), shared=True, size=total, dtype=torch.float32
-        )
-        out, at = {}, 0
-        for n in sorted(self.params):
-            p = self.params[n]
-            view = flat[at : at + p.numel()].view(p.shape)
-            view.copy_(p.detach())
-            out[n], at = view, at + p.numel()
+        out = self._mapped(ANCHOR_FILE)
+        for n, view in out.items():
+            view.copy_(self.params[n].detach())
         return out
 
     # -- the round ------------------------------------------------------------------------------
@@ -156,6 +150,18 @@ class DiLoCo:
         return encode_delta(self.iter_pseudo_gradient(), codec)
 
     @torch.no_grad()
+    def write_pseudo_gradient(
+        self, path: str | os.PathLike[str], codec: str = "int8", params: SparseParams | None = None
+    ) -> tuple[int, str]:
+        """``encode_pseudo_gradient`` into a file (``pseudograd.write_delta``): (size, sha256)."""
+        if codec != "int8":
+            return write_delta(
+                self.iter_pseudo_gradient(), path, codec, params=params, feedback=self.feedback
+            )
+        self.feedback.clear()
+        return write_delta(self.iter_pseudo_gradient(), path, codec)
+
+    @torch.no_grad()
     def local_snapshot(self) -> Mapping[str, torch.Tensor]:
         """A copy of the live weights in their own dtype (bf16 models: half the fp32 Δ's size): what
         ``outer_step_streaming`` needs to carry over the inner steps taken after a publish. With
@@ -178,47 +184,122 @@ class DiLoCo:
         published_local: Mapping[str, torch.Tensor] | None = None,
     ) -> float:
         """``outer_step`` fed one averaged tensor at a time (every parameter exactly once, any order):
-        the merge of a large model decodes, averages and applies tensor by tensor.
+        ``outer_step_bands`` with each tensor as one band."""
+
+        def bands() -> Iterator[tuple[str, int, int, torch.Tensor]]:
+            for name, d in avg_delta:
+                if name not in self.params:
+                    raise ValueError(f"avg_delta: unexpected parameter {name!r}")
+                self._check_one(name, d, "avg_delta")
+                yield name, 0, d.numel(), d.reshape(-1)
+
+        return self.outer_step_bands(bands(), published_local=published_local)
+
+    @torch.no_grad()
+    def outer_step_bands(
+        self,
+        avg_delta: Iterable[tuple[str, int, int, torch.Tensor]],
+        *,
+        published_local: Mapping[str, torch.Tensor] | None = None,
+    ) -> float:
+        """``outer_step`` fed (name, lo, hi, values lo:hi of the flattened averaged Δ): each parameter's
+        bands in order, every parameter exactly once, parameters in any order. What a 0.5 B-parameter
+        merge streams into: the peak extra memory is a few bands, not a few copies of the embedding.
+        The arithmetic is elementwise, so the anchor's bits do not depend on the band size.
 
         ``published_local`` is ``local_snapshot()`` at publish time; the inner steps since are carried
-        over: local ← anchor' + (local − published_local). Each tensor is checked (name, shape, finite)
-        before it touches the anchor; callers validate every contribution first, so a failure here
-        is a bug, and it raises before the anchor of the offending tensor changes. Returns the norm of
-        the carried progress.
+        over: local ← anchor' + (local − published_local). Each band is checked (name, order, size,
+        finite) before it touches the anchor; callers validate every contribution first, so a failure
+        here is a bug, and it raises before the offending band changes the anchor. Returns the norm
+        of the carried progress.
         """
-        seen: set[str] = set()
+        done: set[str] = set()
+        current, at = "", 0
         sq = 0.0
-        for name, d in avg_delta:
-            if name not in self.params or name in seen:
-                raise ValueError(f"avg_delta: unexpected or repeated parameter {name!r}")
-            self._check_one(name, d, "avg_delta")
-            d = d.to(device=self.anchor[name].device, dtype=torch.float32)
+        fresh = self._ensure_buffers()
+        published: torch.Tensor | None = None
+
+        def finish() -> None:
+            if current and at != self.params[current].numel():
+                raise ValueError(
+                    f"avg_delta[{current!r}] covers {at} of {self.params[current].numel()} values"
+                )
+            done.add(current)
+
+        for name, lo, hi, d in avg_delta:
+            if name != current:
+                finish()
+                if name not in self.params or name in done:
+                    raise ValueError(f"avg_delta: unexpected or repeated parameter {name!r}")
+                current, at = name, 0
+                published = None
+                if published_local is not None:
+                    published = published_local[name].reshape(-1)
+            p = self.params[name]
+            if lo != at or not lo <= hi <= p.numel() or d.numel() != hi - lo:
+                raise ValueError(f"avg_delta[{name!r}]: band {lo}:{hi} ({d.numel()} values) after {at}")
+            at = hi
+            d = d.reshape(-1).to(device=self.anchor[name].device, dtype=torch.float32)
             if not bool(torch.isfinite(d).all()):
                 raise ValueError(f"avg_delta[{name!r}] has non-finite values; aggregate first")
-            seen.add(name)
-            p = self.params[name]
+            flat_p = _flat(p)
             progress = None
-            if published_local is not None:
-                progress = p.detach().to(torch.float32) - published_local[name].to(p.device, torch.float32)
-            self._step_one(name, d)
+            if published is not None:
+                progress = flat_p[lo:hi].to(torch.float32) - published[lo:hi].to(p.device, torch.float32)
+            anchor = _flat(self.anchor[name])[lo:hi]
+            self._step_band(name, lo, hi, d, anchor, name in fresh)
             if progress is None:
-                p.copy_(self.anchor[name].to(device=p.device, dtype=p.dtype))
+                flat_p[lo:hi].copy_(anchor.to(device=p.device, dtype=p.dtype))
             else:
                 sq += float(progress.pow(2).sum())
-                p.copy_((self.anchor[name] + progress).to(device=p.device, dtype=p.dtype))
-        missing = sorted(set(self.params) - seen)
+                flat_p[lo:hi].copy_((anchor + progress).to(device=p.device, dtype=p.dtype))
+            del progress
+        finish()
+        missing = sorted(set(self.params) - done)
         if missing:
             raise ValueError(f"avg_delta is missing parameters {missing[:5]}")
         self.outer_steps += 1
         return sq**0.5
 
-    def _step_one(self, name: str, d: torch.Tensor) -> None:
-        anchor = self.anchor[name]
+    def _ensure_buffers(self) -> set[str]:
+        """Momentum for every parameter, allocated (zeroed) where there is none yet; returns the names
+        that had none (their first step sets buf = Δ, as ``torch.optim.SGD`` does). With
+        ``spill_dir`` all of it lives in a memory-mapped file beside the anchor (2 GB for a 0.5 B
+        model, touched once a round)."""
+        if self.momentum == 0:
+            return set()
+        fresh = set(self.params) - set(self.buffers)
+        if not fresh:
+            return fresh
+        on_cpu = all(p.device.type == "cpu" for p in self.params.values())
+        if self.spill_dir is not None and on_cpu and not self.buffers:
+            self.buffers = self._mapped(MOMENTUM_FILE)
+        else:
+            for n in fresh:
+                self.buffers[n] = torch.zeros_like(self.anchor[n])
+        return fresh
+
+    def _mapped(self, filename: str) -> dict[str, torch.Tensor]:
+        """Zeroed fp32 views, one per parameter in sorted order, into a new file in ``spill_dir``."""
+        assert self.spill_dir is not None
+        self.spill_dir.mkdir(parents=True, exist_ok=True)
+        path = self.spill_dir / filename
+        path.unlink(missing_ok=True)  # a new (sparse) file reads as zeros
+        total = sum(p.numel() for p in self.params.values())
+        flat = torch.from_file(str(path), shared=True, size=total, dtype=torch.float32)
+        out, at = {}, 0
+        for n in sorted(self.params):
+            p = self.params[n]
+            out[n], at = flat[at : at + p.numel()].view(p.shape), at + p.numel()
+        return out
+
+    def _step_band(
+        self, name: str, lo: int, hi: int, d: torch.Tensor, anchor: torch.Tensor, first: bool
+    ) -> None:
         if self.momentum > 0:
-            buf = self.buffers.get(name)
-            if buf is None:
-                buf = d.clone()
-                self.buffers[name] = buf
+            buf = _flat(self.buffers[name])[lo:hi]
+            if first:
+                buf.copy_(d)
             else:
                 buf.mul_(self.momentum).add_(d)
             update = d.add(buf, alpha=self.momentum) if self.nesterov else buf
@@ -254,8 +335,10 @@ class DiLoCo:
             now = self.pseudo_gradient()
             for name in self.params:
                 progress[name] = published[name].to(torch.float32).cpu() - now[name]
+        fresh = self._ensure_buffers()
         for name in self.params:
-            self._step_one(name, avg_delta[name].to(device=self.anchor[name].device, dtype=torch.float32))
+            d = avg_delta[name].to(device=self.anchor[name].device, dtype=torch.float32).reshape(-1)
+            self._step_band(name, 0, d.numel(), d, _flat(self.anchor[name]), name in fresh)
         self.outer_steps += 1
         self.reset_local()
         sq = 0.0
@@ -363,6 +446,8 @@ class DiLoCo:
             self.anchor[name].copy_(anchors[name].to(torch.float32))
         # Into the existing buffers where there are some: a 0.5 B model's momentum is 2 GB, and a
         # joiner loading from a memory-mapped state file must not hold it twice.
+        if moms and not self.buffers:
+            self._ensure_buffers()  # in the spill file, when there is one
         buffers: dict[str, torch.Tensor] = {}
         for n, t in moms.items():
             buf = self.buffers.get(n)
@@ -398,3 +483,10 @@ class DiLoCo:
         want = tuple(self.anchor[name].shape)
         if tuple(t.shape) != want:
             raise ValueError(f"{what}[{name!r}] has shape {tuple(t.shape)}, expected {want}")
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """A flat view of ``t`` (parameters and anchors are contiguous; anything else is a bug here)."""
+    if not t.is_contiguous():
+        raise ValueError("DiLoCo tensors must be contiguous")
+    return t.detach().view(-1)

@@ -7,6 +7,7 @@ import concurrent.futures
 import contextlib
 import hashlib
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -42,6 +43,7 @@ from swarmnode.p2p.streams import (
     BlobStats,
     BlobStore,
     BlobView,
+    FileSink,
     TransportError,
     fetch_from,
     read_frame,
@@ -294,9 +296,37 @@ class Host:
         cap = min(max_size, self.config.max_blob_bytes)
         return await self._b().run(self._trio_fetch, content_hash, list(providers), cap, timeout)
 
-    async def _trio_fetch(self, digest: str, providers: list[str], max_size: int, timeout: float) -> bytes:  # noqa: ASYNC109
+    async def fetch_file(
+        self,
+        content_hash: str,
+        providers: list[str],
+        path: str | os.PathLike[str],
+        *,
+        max_size: int,
+        timeout: float = 60.0,  # noqa: ASYNC109
+    ) -> int:
+        """``fetch`` into the file at ``path`` (hashed as it is written; created or truncated), for blobs
+        too large to hold in memory. Returns the size; on failure the file holds no verified data."""
+        if not providers:
+            raise ValueError("fetch needs at least one provider")
+        cap = min(max_size, self.config.max_blob_bytes)
+        sink = FileSink(path)
+        try:
+            await self._b().run(self._trio_fetch, content_hash, list(providers), cap, timeout, sink)
+        finally:
+            sink.close()
+        return len(sink)
+
+    async def _trio_fetch(
+        self,
+        digest: str,
+        providers: list[str],
+        max_size: int,
+        timeout: float,  # noqa: ASYNC109
+        sink: FileSink | None = None,
+    ) -> bytes:
         errors: list[str] = []
-        buf = bytearray()
+        buf: bytearray | FileSink = bytearray() if sink is None else sink
         with trio.move_on_after(timeout):
             for provider in providers:
                 if provider == self.peer_id:
@@ -308,10 +338,11 @@ class Host:
                     errors.append(f"{provider}: {exc}")
                     log.info("blob %s from %s failed: %s", digest[:12], provider, exc)
                     continue
-                if hashlib.sha256(buf).hexdigest() == digest:
+                got = buf.hexdigest() if isinstance(buf, FileSink) else hashlib.sha256(buf).hexdigest()
+                if got == digest:
                     self._blob_stats.fetched += 1
                     self._blob_stats.fetched_bytes += len(buf)
-                    return bytes(buf)
+                    return b"" if isinstance(buf, FileSink) else bytes(buf)
                 self._blob_stats.provider_failures += 1
                 errors.append(f"{provider}: content does not match the hash")
                 buf.clear()

@@ -185,7 +185,40 @@ async def read_frame_or_eof(stream: Any, max_bytes: int) -> bytes | None:
     return await read_exactly(stream, size)
 
 
-async def fetch_from(open_stream: Any, digest: str, provider: str, buf: bytearray, max_size: int) -> None:
+class FileSink:
+    """Where ``fetch_from`` appends a blob that should not live in memory (a 0.5 GB pseudo-gradient):
+    a file, hashed as it is written. ``len``/``extend``/``clear`` like the bytearray it stands in for."""
+
+    def __init__(self, path: Any) -> None:
+        self.path = path
+        self._file = open(path, "wb")  # noqa: SIM115 (closed by close())
+        self._hash = hashlib.sha256()
+        self._size = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def extend(self, data: bytes) -> None:
+        self._file.write(data)
+        self._hash.update(data)
+        self._size += len(data)
+
+    def clear(self) -> None:
+        self._file.seek(0)
+        self._file.truncate()
+        self._hash = hashlib.sha256()
+        self._size = 0
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+async def fetch_from(
+    open_stream: Any, digest: str, provider: str, buf: bytearray | FileSink, max_size: int
+) -> None:
     """Pull the rest of blob `digest` (from len(buf) on) from one provider into buf, chunk by chunk."""
     stream = await open_stream(provider, BLOB_PROTOCOL)
     try:
@@ -207,7 +240,7 @@ async def fetch_from(open_stream: Any, digest: str, provider: str, buf: bytearra
             total = resp.total_size
             if not resp.data and len(buf) < total:
                 raise ProtocolError(f"provider {provider} sent an empty chunk before the end")
-            buf += resp.data
+            buf.extend(resp.data)
     finally:
         await _close(stream)
 
