@@ -4,7 +4,8 @@ Isolated: 4 nodes, 8 local / 0 external groups per step, no sharing, no merges.
 Swarm:    4 nodes, 8 local / 0 external groups per step, AdamW, DiLoCo merges in 4 s wall-clock rounds
           overlapped with training. --swarm-local 4 --swarm-external 4 adds SAPO rollout sharing;
           --optimizer demo trains with DeMo and gossips its components (best with --outer-lr 1.0
-          --outer-momentum 0).
+          --outer-momentum 0). --delta-codec sparse sends compressed pseudo-gradients (~0.018 B/param;
+          outer lr 1.0, momentum 0 unless told otherwise).
 Task: reverse-exact (binary reward); --family reverse gives the same questions with partial credit.
 Each node trains on 8 groups per step in both arms. The isolated arm is deterministic (seeded sampling,
 no network): a rerun gives the same cumulative reward to the last bit.
@@ -84,7 +85,7 @@ def _merges(rows_per_node: list[list[dict[str, Any]]]) -> list[dict[str, float]]
     return out
 
 
-def _summary(rows_per_node: list[list[dict[str, Any]]]) -> dict[str, float]:
+def _summary(rows_per_node: list[list[dict[str, Any]]]) -> dict[str, Any]:
     # the final row (``train/final``) is written once the round in flight merged: not a step
     cum = [
         sum(r["reward"] for r in rows if r.get("reward") is not None and not r.get("train/final"))
@@ -123,6 +124,9 @@ def _summary(rows_per_node: list[list[dict[str, Any]]]) -> dict[str, float]:
         "demo_peers_used_per_step": _mean(
             [rows[-1].get("demo_peers_used", 0) / max(1, rows[-1]["step"]) for rows in rows_per_node if rows]
         ),
+        "delta_bytes_per_round": max(
+            (r.get("diloco_delta_bytes", 0) for rows in rows_per_node for r in rows[-1:]), default=0
+        ),
     }
 
 
@@ -146,8 +150,24 @@ def main() -> int:
         "--isolated-lr", type=float, default=0.0, help="the isolated arm's lr (default: the swarm's)"
     )
     ap.add_argument("--collect-seconds", type=float, default=2.0)
-    ap.add_argument("--outer-lr", type=float, default=0.7, help="DiLoCo outer (Nesterov) lr")
-    ap.add_argument("--outer-momentum", type=float, default=0.9, help="DiLoCo outer momentum")
+    ap.add_argument(
+        "--delta-codec",
+        choices=["int8", "sparse", "sparse-dct"],
+        default="int8",
+        help="the swarm arm's pseudo-gradient codec (sparse: top-k, 2-bit values, error feedback)",
+    )
+    ap.add_argument(
+        "--outer-lr",
+        type=float,
+        default=None,
+        help="DiLoCo outer (Nesterov) lr (default: 0.7 int8, 1.0 sparse)",
+    )
+    ap.add_argument(
+        "--outer-momentum",
+        type=float,
+        default=None,
+        help="DiLoCo outer momentum (default: 0.9 int8, 0 sparse)",
+    )
     ap.add_argument("--swarm-local", type=int, default=8, help="swarm arm: local groups per step")
     ap.add_argument(
         "--swarm-external", type=int, default=0, help="swarm arm: external (shared) groups per step"
@@ -162,6 +182,11 @@ def main() -> int:
     )
     ap.add_argument("--arms", default="isolated,swarm", help="which arms to run (comma separated)")
     args = ap.parse_args()
+    sparse = args.delta_codec != "int8"  # the codec's own defaults (swarmnode.config DiLoCoConfig)
+    if args.outer_lr is None:
+        args.outer_lr = 1.0 if sparse else 0.7
+    if args.outer_momentum is None:
+        args.outer_momentum = 0.0 if sparse else 0.9
     lr = args.lr or DEFAULT_LR[args.optimizer]
     isolated_lr = args.isolated_lr or (
         lr if args.optimizer == args.isolated_optimizer else DEFAULT_LR[args.isolated_optimizer]
@@ -218,6 +243,8 @@ def main() -> int:
             str(args.outer_lr),
             "--outer-momentum",
             str(args.outer_momentum),
+            "--delta-codec",
+            args.delta_codec,
             "--external-prefer",
             args.external_prefer,
         ],
@@ -248,6 +275,8 @@ def main() -> int:
         "swarm_lr": lr,
         "isolated_optimizer": args.isolated_optimizer,
         "isolated_lr": isolated_lr,
+        "delta_codec": args.delta_codec,
+        "delta_bytes_per_round": swa.get("delta_bytes_per_round"),
         "outer_lr": args.outer_lr,
         "outer_momentum": args.outer_momentum,
         "swarm_groups": f"{args.swarm_local}/{args.swarm_external}",

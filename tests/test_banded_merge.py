@@ -145,3 +145,18 @@ def test_outer_step_bands_refuses_bands_that_do_not_tile_a_parameter() -> None:
     assert outer.outer_steps == 0
     feed(ok)
     assert outer.outer_steps == 1
+
+
+def test_only_contributors_that_agree_with_the_rest_are_reported_as_verified() -> None:
+    # An outlier (100x the norm, clipped) or a contribution far from the others never becomes a
+    # "verified" peer whose word counts towards attesting a state.
+    _, outer = _outer()
+    base = _delta(0)
+    g = torch.Generator().manual_seed(5)
+    honest = [{n: t + 0.01 * torch.randn(t.shape, generator=g) for n, t in base.items()} for _ in range(3)]
+    huge = {n: 100 * t for n, t in _delta(1).items()}
+    blobs = [encode_delta(d) for d in [*honest, huge]]
+    contribs = [Contribution(b, 1.0, check_delta(b, 1 << 20, outer.shapes())) for b in blobs]
+    report = merge(contribs, outer, max_bytes=1 << 20, max_weight=10.0, published_local=None)
+    assert report.agreeing == [0, 1, 2]
+    assert report.clipped >= 1  # the outlier (honest peers above the median norm are clipped a little)

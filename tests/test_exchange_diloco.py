@@ -132,6 +132,9 @@ def test_three_replicas_merge_to_one_anchor_and_report_their_spread() -> None:
         assert s["replica_distance_before_merge"] == pytest.approx(0.8, rel=1e-5)
     assert len({p.ex.anchor_hash for p in peers}) == 1  # ... and the anchors are bit-identical
     assert peers[0].ex.anchor_hash == peers[0].ex.diloco.anchor_hash()
+    # each merged, checked and agreeing contribution makes its author a verified peer (trust)
+    for p in peers:
+        assert p.members.contributors() == sorted(q.members.me for q in peers if q is not p)
     assert not torch.equal(peers[0].w(), torch.zeros(16))
     # every blob was pulled from its author: two peers each
     assert all(p.host.served_bytes > 0 for p in peers)

@@ -392,8 +392,10 @@ def test_remote_addresses_from_the_host_or_from_libp2p_connections() -> None:
     assert remote_addresses(a) == {"peerB": "203.0.113.9:2"}
     assert remote_addresses(b) == {"peerA": "198.51.100.7:1"}
 
-    # swarmnode.p2p.Host: read from py-libp2p's connection table (what Swarm.get_connections_map
-    # and each SwarmConn.muxed_conn.get_remote_address() return)
+    # swarmnode.p2p.Host.remote_addresses: read from py-libp2p's connection table (what
+    # Swarm.get_connections_map and each SwarmConn.muxed_conn.get_remote_address() return)
+    from swarmnode.p2p.host import Host
+
     def conn(where: Any) -> Any:
         return SimpleNamespace(muxed_conn=SimpleNamespace(get_remote_address=lambda: where))
 
@@ -403,9 +405,11 @@ def test_remote_addresses_from_the_host_or_from_libp2p_connections() -> None:
 
     table = {pid("QmV4"): [conn(("198.51.100.7", 4001))], pid("QmV6"): [conn(None), conn(("2001:db8::1", 7))]}
     network = SimpleNamespace(get_connections_map=lambda: table)
-    host = SimpleNamespace(_trio=SimpleNamespace(host=SimpleNamespace(get_network=lambda: network)))
+    state = SimpleNamespace(_trio=SimpleNamespace(host=SimpleNamespace(get_network=lambda: network)))
+    host = SimpleNamespace(remote_addresses=lambda: Host.remote_addresses(state))  # type: ignore[arg-type]
     assert remote_addresses(host) == {"QmV4": "198.51.100.7:4001", "QmV6": "[2001:db8::1]:7"}
-    assert remote_addresses(SimpleNamespace(_trio=None)) == {}  # not open yet
+    assert Host.remote_addresses(SimpleNamespace(_trio=None)) == {}  # type: ignore[arg-type]  # not open yet
+    assert remote_addresses(SimpleNamespace()) == {}  # a host that cannot say
 
     def broken() -> Any:
         raise RuntimeError("dictionary changed size during iteration")

@@ -174,6 +174,7 @@ class DiLoCoExchange(BaseExchange):
         self._probe_after = float("-inf")
         self._live_after = float("-inf")
         self.clipped = 0
+        self.agreeing: list[str] = []  # authors of the last merge whose Δ agreed with the rest
         self.samples_since_publish = 0
         self._inboxes: dict[int, Inbox] = {}
         self._pending: _Pending | None = None
@@ -474,8 +475,14 @@ class DiLoCoExchange(BaseExchange):
         elif pending.own is not None:
             self.failed_rounds_in_row = 0
         # Sorted by author so every node sums in the same order and lands on the same anchor bits.
-        ordered = [contributions[a] for a in sorted(contributions)]
-        await asyncio.to_thread(self._outer_step, ordered, pending)
+        authors = sorted(contributions)
+        ordered = [contributions[a] for a in authors]
+        await asyncio.to_thread(self._outer_step, ordered, pending, authors)
+        # Peers whose Δ we fetched, checked and found in agreement with the rest: they count towards
+        # attesting a state from now on (``swarmnode.trust``'s verified peers), outliers never do.
+        for author in self.agreeing:
+            if author != self.me:
+                self.members.note_contributor(author)
         self.round = pending.round
         self.merges += 1
         self.merge_contributors = len(ordered)
@@ -489,7 +496,7 @@ class DiLoCoExchange(BaseExchange):
         for old in [r for r in self._inboxes if r <= pending.round]:
             del self._inboxes[old]
 
-    def _outer_step(self, contributions: list[Contribution], pending: _Pending) -> None:
+    def _outer_step(self, contributions: list[Contribution], pending: _Pending, authors: list[str]) -> None:
         weights = sorted(c.weight for c in contributions)
         cap = weights[(len(weights) - 1) // 2] * MAX_WEIGHT_OVER_MEDIAN
         report = merge(
@@ -501,6 +508,7 @@ class DiLoCoExchange(BaseExchange):
             method=self.method,
         )
         self.replica_distance = report.replica_distance
+        self.agreeing = [authors[i] for i in report.agreeing]
         self.last_merge_weights = [min(c.weight, cap) for c in contributions]
         self.clipped += report.clipped
         self.carried_progress = report.carried if pending.published is not None else float("nan")

@@ -24,7 +24,7 @@ import math
 import mmap
 import os
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import torch
@@ -57,6 +57,9 @@ class Contribution:
     norm: float
 
 
+AGREE_OVER_MEDIAN = 2.0
+
+
 @dataclass(slots=True)
 class MergeReport:
     contributors: int = 0
@@ -64,6 +67,10 @@ class MergeReport:
     clip_norm: float = 0.0
     replica_distance: float = float("nan")  # mean ‖Δ_i − Δ̄‖ over the contributors
     carried: float = float("nan")
+    # contributors (indices) whose Δ agreed with the rest: a norm and a distance from the mean within
+    # AGREE_OVER_MEDIAN x the median ones. What ``Membership.note_contributor`` records
+    # (peers whose work we verified count towards attesting a state; an outlier's never does).
+    agreeing: list[int] = field(default_factory=list)
 
 
 def check_delta(blob: bytes, max_bytes: int, shapes: Mapping[str, tuple[int, ...]]) -> float:
@@ -120,7 +127,14 @@ def merge(
             yield name, lo, hi, combine(bands, weights, scales, method=method)
 
     report.carried = diloco.outer_step_bands(averaged(), published_local=published_local)
-    report.replica_distance = sum(v**0.5 for v in spread_sq) / len(spread_sq) if len(contribs) > 1 else 0.0
+    dist = [v**0.5 for v in spread_sq]
+    report.replica_distance = sum(dist) / len(dist) if len(contribs) > 1 else 0.0
+    median = sorted(dist)[(len(dist) - 1) // 2] if dist else 0.0
+    report.agreeing = [
+        i
+        for i, (d, sc, w) in enumerate(zip(dist, scales, weights, strict=True))
+        if sc * AGREE_OVER_MEDIAN >= 1.0 and w > 0 and d <= AGREE_OVER_MEDIAN * median
+    ]
     return report
 
 

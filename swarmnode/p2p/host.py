@@ -387,6 +387,24 @@ class Host:
             return []
         return [p.to_base58() for p in list(self._trio.host.get_connected_peers())]
 
+    def remote_addresses(self) -> dict[str, str]:
+        """{peer id: "ip:port"} of the peers we are connected to now, as the transport sees them (each
+        muxed connection's remote address, which a peer cannot claim; a relayed connection shows the
+        relay's). What ``swarmnode.trust`` groups a state's support by."""
+        if self._trio is None:
+            return {}
+        network = self._trio.host.get_network()
+        out: dict[str, str] = {}
+        for pid, conns in list(network.get_connections_map().items()):
+            for conn in list(conns):
+                muxed = getattr(conn, "muxed_conn", None)
+                where = muxed.get_remote_address() if muxed is not None else None
+                if where:
+                    ip, port = where[0], where[1]
+                    out[pid.to_base58()] = f"[{ip}]:{port}" if ":" in str(ip) else f"{ip}:{port}"
+                    break
+        return out
+
     def statistics(self) -> dict[str, Any]:
         depths: dict[str, int] = {}
         if self._trio is not None:
