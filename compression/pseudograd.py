@@ -316,8 +316,9 @@ def iter_decode_delta(
         yield name, t
 
 
-# Values per band of ``iter_decode_bands``: 64 MB of fp32 per contributor.
-BAND_NUMEL = 1 << 24
+# Values per band of ``iter_decode_bands``: 8 MB of fp32 per contributor, under glibc's largest mmap
+# threshold, so band buffers are reused rather than page-faulted afresh (see ``optim.demo.BAND_NUMEL``).
+BAND_NUMEL = 1 << 21
 
 
 def iter_decode_bands(

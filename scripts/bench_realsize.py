@@ -145,14 +145,28 @@ def summarize(params: int, procs: list[Proc], joined_at: float | None, t0: float
     rows = [p.rows() for p in procs]
     step_s = [r["step_s"] for rr in rows[:2] for r in rr[1:] if r.get("step_s")]
     demo_bytes = [r["demo_bytes_per_step"] for rr in rows for r in rr if r.get("demo_bytes_per_step")]
-    # Peers whose components each step applied (the last metrics row of each step, after the first).
+    # Peers whose components each step applied (the last metrics row of each step, after the first),
+    # over the steps during which some other node was still training (the joiner's last steps may
+    # run after the first two nodes finished: nobody is left to hear from then).
+    last_seen = [max((float(r.get("time", 0)) for r in rr), default=0.0) for rr in rows]
     peers_per_step: list[int] = []
     zero_steps: list[list[int]] = []
-    for rr in rows:
-        by_step = {int(r["step"]): int(r["demo_peers_last_step"]) for r in rr if "demo_peers_last_step" in r}
-        used = [(s, n) for s, n in sorted(by_step.items()) if s > min(by_step, default=0)]
-        peers_per_step += [n for _, n in used]
-        zero_steps.append([s for s, n in used if n == 0])
+    alone_steps: list[list[int]] = []
+    for i, rr in enumerate(rows):
+        by_step = {int(r["step"]): r for r in rr if "demo_peers_last_step" in r}
+        first = min(by_step, default=0)
+        zero_steps.append([])
+        alone_steps.append([])
+        for step, r in sorted(by_step.items()):
+            if step == first:
+                continue
+            began = float(r.get("time", 0)) - float(r.get("step_s") or 0)
+            if not any(t >= began for j, t in enumerate(last_seen) if j != i):
+                alone_steps[i].append(step)
+                continue
+            peers_per_step.append(int(r["demo_peers_last_step"]))
+            if not peers_per_step[-1]:
+                zero_steps[i].append(step)
     # per round: (contributors, anchor, own) of every node that merged it
     merged: dict[int, list[tuple[int, str, bool]]] = {}
     for rr in rows:
@@ -194,6 +208,7 @@ def summarize(params: int, procs: list[Proc], joined_at: float | None, t0: float
         "demo_peers_used_mean": round(sum(peers_per_step) / len(peers_per_step), 3) if peers_per_step else 0,
         "demo_peers_used_min_after_first": min(peers_per_step) if peers_per_step else 0,
         "demo_steps_without_peers": zero_steps,
+        "demo_steps_with_no_peer_running": alone_steps,
         "demo_send_failures": sum(r.get("demo_send_failures", 0) for r in last),
         "delta_bytes_per_round": max((r.get("diloco_delta_bytes", 0) for r in last), default=0),
         "delta_bytes_per_param": round(
