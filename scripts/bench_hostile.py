@@ -3,6 +3,7 @@ host, the protocol codec, gossip signed by the attacker's or by Sybil keys, real
 each attack of issue "strangers in the swarm" against two `swarmnode run` processes on 127.0.0.1.
 
     python scripts/bench_hostile.py [--optimizer adamw|demo] [--out DIR]
+    python scripts/bench_hostile.py --byzantine [--honest 4 --steps 600]
 
 Per attack it prints what was sent, what the victims counted (deltas of their metrics.jsonl
 counters over the attack), whether both victims are alive, and harm: a victim's anchor equal to the
@@ -545,14 +546,166 @@ async def run_attacks(args: argparse.Namespace, victims: list[Victim], out: Path
     return results
 
 
+# -- a Byzantine host in a training swarm ---------------------------------------------------------------
+
+# bench_swarm.py's swarm arm: reverse-exact, 8 local groups, AdamW 3e-4, DiLoCo in 4 s wall-clock rounds.
+SWARM_ARGS = [
+    "--family",
+    "reverse-exact",
+    "--local-groups",
+    "8",
+    "--external-groups",
+    "0",
+    "--lr",
+    "3e-4",
+    "--collect-seconds",
+    "2",
+    "--round-seconds",
+    "4",
+    "--eval-every",
+    "1000",
+    "--checkpoint-every",
+    "0",
+]
+
+
+class Honest(Victim):
+    """A `swarmnode run` node with bench_swarm's swarm-arm settings and a fixed number of steps."""
+
+    def __init__(self, index: int, out: Path, bootstrap: str, model: str, steps: int, peers: int) -> None:
+        self.dir = out / f"honest{index}"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "swarmnode.cli", "run", "--data-dir", str(self.dir), "--model", model]
+        cmd += ["--listen", "/ip4/127.0.0.1/tcp/0", "--swarm", SWARM, "--seed", str(index)]
+        cmd += ["--diloco", "--expect-peers", str(peers), "--join-wait", "120", "--steps", str(steps)]
+        cmd += SWARM_ARGS
+        if bootstrap:
+            cmd += ["--bootstrap", bootstrap]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+        self.log = (self.dir / "node.log").open("w", encoding="utf-8")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, text=True, env=env)
+
+
+async def byzantine_host(victims: list[Victim], out: Path, stop: asyncio.Event) -> dict[str, int]:
+    """One attacker host with 16 Sybil identities doing, all run long, every attack that can target a
+    training swarm: poisoned Δ manifests (weight 1e30) for the next rounds, a false presence ahead with
+    a made-up anchor from each identity (a Sybil majority for catch-up and re-sync), replays of the
+    victims' rollout batches, malformed messages on every topic."""
+    from swarmnode.protocol import codec, topics
+
+    from swarmnode.p2p import HostConfig, open_host
+    from swarmnode.policy import load_policy
+    from swarmnode.tinymodel import build_tiny_policy
+
+    sent = {"poisoned_manifests": 0, "sybil_presences": 0, "replayed_rollouts": 0, "malformed": 0}
+    async with open_host(HostConfig(data_dir=out / "attacker", bootstrap=[victims[0].multiaddr()])) as host:
+        attacker = Attacker(host)
+        ids = attacker.make_sybils(16)
+        presence_sub = host.subscribe(topics.topic(SWARM, topics.PRESENCE))
+        rollouts_sub = host.subscribe(topics.topic(SWARM, topics.ROLLOUTS))
+        cohort = ""
+        async for msg in presence_sub:
+            cohort = getattr(codec.decode(msg.data), "cohort", "")
+            if cohort or stop.is_set():
+                break
+        captured: list[bytes] = []
+
+        async def capture() -> None:
+            async for m in rollouts_sub:
+                captured[:] = [*captured[-3:], m.data]
+
+        cap_task = asyncio.create_task(capture())
+        model = load_policy(
+            str(build_tiny_policy(out / "attacker-model", family="reverse-exact")), device="cpu"
+        ).model
+        shapes = {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
+        c = Context(attacker, victims, cohort, shapes, out)
+        while not stop.is_set():
+            sent["poisoned_manifests"] += (await attack_poisoned_delta(c))["sent"]  # ~12 s
+            r = c.round_now()
+            for i, pid in enumerate(ids):
+                await attacker.publish_as(i, c.topic(topics.PRESENCE), _presence(pid, cohort, r + 2, 10**5))
+                sent["sybil_presences"] += 1
+            for data in captured[-2:]:
+                for _ in range(5):
+                    await attacker.publish(c.topic(topics.ROLLOUTS), data)
+                    sent["replayed_rollouts"] += 1
+            sent["malformed"] += (await attack_malformed(c))["sent"]
+        cap_task.cancel()
+    return sent
+
+
+def _cumulative(v: Victim) -> float:
+    return sum(float(r["reward"]) for r in v.rows() if not r.get("train/final"))
+
+
+def byzantine_run(args: argparse.Namespace, out: Path, attack: bool) -> dict[str, Any]:
+    from swarmnode.tinymodel import build_tiny_policy
+
+    model = str(build_tiny_policy(out / "tiny-model", family="reverse-exact"))
+    honest: list[Victim] = []
+    report: dict[str, Any] = {}
+    try:
+        honest.append(Honest(0, out, "", model, args.steps, args.honest - 1))
+        boot = honest[0].multiaddr()
+        for i in range(1, args.honest):
+            honest.append(Honest(i, out, boot, model, args.steps, args.honest - 1))
+
+        async def run() -> dict[str, int]:
+            stop = asyncio.Event()
+            task = asyncio.create_task(byzantine_host(honest, out, stop)) if attack else None
+            await asyncio.to_thread(lambda: [v.proc.wait() for v in honest])
+            stop.set()
+            return (await task) if task is not None else {}
+
+        report["attacker_sent"] = asyncio.run(run())
+    finally:
+        report["exit_codes"] = [v.stop() for v in honest]
+    rows = [v.rows() for v in honest]
+    report["cumulative_reward"] = [round(_cumulative(v), 2) for v in honest]
+    report["cumulative_reward_mean"] = round(sum(report["cumulative_reward"]) / len(honest), 2)
+    report["steps"] = [r[-1]["step"] if r else 0 for r in rows]
+    report["merges"] = [int(r[-1].get("merges", 0)) if r else 0 for r in rows]
+    report["anchor_ever_attackers"] = any(x.get("anchor_hash") == EVIL_ANCHOR for r in rows for x in r)
+    report["final_anchors_equal"] = len({r[-1].get("anchor_hash") for r in rows if r}) == 1
+    report["counted"] = [{k: r[-1].get(k) for k in COUNTERS if r and r[-1].get(k)} for r in rows]
+    return report
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--optimizer", choices=("adamw", "demo"), default="adamw")
     ap.add_argument("--duration", type=float, default=240.0, help="victims' run length (s)")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument(
+        "--byzantine",
+        action="store_true",
+        help="instead: --honest nodes on bench_swarm's settings with one Byzantine host (16 Sybil "
+        "identities) against the same nodes alone; honest cumulative reward of both",
+    )
+    ap.add_argument("--honest", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=600, help="--byzantine: steps per honest node")
     args = ap.parse_args()
     out = args.out or Path(tempfile.mkdtemp(prefix="bench-hostile-"))
     out.mkdir(parents=True, exist_ok=True)
+    if args.byzantine:
+        with_attacker = byzantine_run(args, out / "with-byzantine", attack=True)
+        all_honest = byzantine_run(args, out / "all-honest", attack=False)
+        ratio = with_attacker["cumulative_reward_mean"] / max(1e-9, all_honest["cumulative_reward_mean"])
+        print(
+            json.dumps(
+                {
+                    "honest": args.honest,
+                    "byzantine_hosts": 1,
+                    "sybil_identities": 16,
+                    "steps": args.steps,
+                    "honest_reward_ratio": round(ratio, 3),
+                    "with_byzantine": with_attacker,
+                    "all_honest": all_honest,
+                }
+            )
+        )
+        return 0
     victims: list[Victim] = []
     report: dict[str, Any] = {"optimizer": args.optimizer, "out": str(out)}
     try:

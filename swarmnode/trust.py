@@ -205,10 +205,14 @@ def choose_resync(
     my_round: int,
     my_anchor: str,
     quorum: int = 2,
+    undecided: int = 0,
 ) -> Choice | None:
     """The anchor a replica re-syncs to at its own round, or None to keep its own (see the module
     docstring). Identities count for nothing: four Sybils from one /24 support an anchor by one, as
-    much as this node supports its own."""
+    much as this node supports its own. ``undecided``: cohort peers still a round behind (their
+    presences do not say yet which anchor they will land on): while there are any, a replica moves
+    only to an anchor that would out-vote its own even if all of them joined it, never on a tie (a
+    replica one round ahead of a slow peer would otherwise follow a joiner's divergent anchor)."""
     if quorum < 1:
         raise ValueError(f"quorum must be >= 1, got {quorum}")
     trusted = set(verified)
@@ -226,6 +230,8 @@ def choose_resync(
         key=lambda a: (-(ours if a == my_anchor else support[a]), a),
     )
     if winner == my_anchor:
+        return None
+    if undecided > 0 and support[winner] <= ours + undecided:
         return None
     return Choice(
         round=my_round,

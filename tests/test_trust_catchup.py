@@ -415,3 +415,38 @@ def test_remote_addresses_from_the_host_or_from_libp2p_connections() -> None:
         raise RuntimeError("dictionary changed size during iteration")
 
     assert remote_addresses(SimpleNamespace(remote_addresses=broken)) == {}
+
+
+def test_a_replica_does_not_follow_a_lone_divergent_anchor_while_a_peer_is_still_a_round_behind() -> None:
+    # Seen in a real-size run: replica B merged round 3 (anchor "ee"), replica A had not yet, a
+    # joiner held a divergent round-3 anchor "33": a 1-vs-1 tie broken by hash moved B to the joiner's.
+    from swarmnode.exchange.catchup import choose_source
+    from swarmnode.trust import Offer, choose_resync
+
+    addresses = {"peerA": "198.51.100.1:1", "joiner": "203.0.113.2:2"}
+    offers = [Offer("joiner", 3, 7, "33" * 32)]
+    assert choose_resync(offers, addresses, my_round=3, my_anchor="ee" * 32) is not None  # the old tie
+    assert choose_resync(offers, addresses, my_round=3, my_anchor="ee" * 32, undecided=1) is None
+    # two peers on the other anchor out-vote ours even if the undecided one joins us: we move
+    two = [*offers, Offer("peerC", 3, 7, "33" * 32)]
+    addresses["peerC"] = "192.0.2.3:3"
+    assert choose_resync(two, addresses, my_round=3, my_anchor="ee" * 32, undecided=1) is None
+    three = [*two, Offer("peerD", 3, 7, "33" * 32)]
+    addresses["peerD"] = "198.18.0.4:4"
+    assert choose_resync(three, addresses, my_round=3, my_anchor="ee" * 32, undecided=1) is not None
+
+    def p(rnd: int, anchor: str) -> Presence:
+        return Presence(
+            peer_id="x", addrs=[], swarm=SWARM, cohort=COHORT_A, engine="hf", hardware="cpu",
+            step=2 * rnd + 1, round=rnd, samples=8, anchor_hash=anchor,
+        )  # fmt: skip
+
+    def decide(peers: dict[str, Presence]) -> Any:
+        return choose_source(
+            peers, list(peers), addresses, cohort=COHORT_A, my_round=3, my_step=7, my_anchor="ee" * 32,
+            fresh=False, merged=True, max_round=100, max_steps_per_round=100,
+        )  # fmt: skip
+
+    # peerA still at round 2: we keep our anchor; once peerA shows round 3 on our anchor, still ours
+    assert decide({"peerA": p(2, "dd" * 32), "joiner": p(3, "33" * 32)}) is None
+    assert decide({"peerA": p(3, "ee" * 32), "joiner": p(3, "33" * 32)}) is None

@@ -306,6 +306,7 @@ def choose_source(
     """
     alive = set(live)
     offers: list[Offer] = []
+    undecided = 0  # live cohort peers a round behind us: which anchor they land on is not known yet
     for peer, presence in peers.items():
         if presence is None or peer not in alive or getattr(presence, "cohort", None) != cohort:
             continue
@@ -313,6 +314,8 @@ def choose_source(
             continue  # it just copied its state from someone: an echo, not a second witness
         anchor = getattr(presence, "anchor_hash", "")
         rnd, step = getattr(presence, "round", -1), getattr(presence, "step", -1)
+        if isinstance(rnd, int) and not isinstance(rnd, bool) and rnd == my_round - 1:
+            undecided += 1
         if not isinstance(anchor, str) or not anchor or not isinstance(rnd, int) or rnd < my_round:
             continue
         why = check_claim(
@@ -351,7 +354,13 @@ def choose_source(
         return Decision(far, heal=False, candidates=candidates, min_round=min_round)
     if merged:
         resync = choose_resync(
-            offers, addresses, verified=verified, my_round=my_round, my_anchor=my_anchor, quorum=quorum
+            offers,
+            addresses,
+            verified=verified,
+            my_round=my_round,
+            my_anchor=my_anchor,
+            quorum=quorum,
+            undecided=undecided,
         )
         if resync is not None:
             return Decision(resync, heal=True, candidates=resync.donors, min_round=my_round)

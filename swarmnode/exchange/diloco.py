@@ -174,6 +174,8 @@ class DiLoCoExchange(BaseExchange):
         self._probe_after = float("-inf")
         self._live_after = float("-inf")
         self.clipped = 0
+        self.skipped_observed = 0  # observed rounds not merged (a contribution missing)
+        self._catch_up_past = 0  # catch up to a state newer than this round (a skipped observed round)
         self.agreeing: list[str] = []  # authors of the last merge whose Δ agreed with the rest
         self.samples_since_publish = 0
         self._inboxes: dict[int, Inbox] = {}
@@ -459,6 +461,21 @@ class DiLoCoExchange(BaseExchange):
         observers = getattr(self.members, "observed", lambda p, r: False)
         expected = {p for p in self.members.cohort_peers() if not observers(p, pending.round)}
         expected |= {self.me} | set(contributions)
+        missed = sorted(expected - set(contributions) - {self.me})
+        if pending.own is None and missed:
+            # An observer (it loaded its state while this round was in flight) that did not get every
+            # contribution would land on an anchor nobody else holds: it merges nothing and catches
+            # up to the cohort's state after this round instead (one round behind is enough).
+            self.skipped_observed += 1
+            self._catch_up_past = max(self._catch_up_past, pending.round)
+            log.warning(
+                "observed round %d without %s: not merged, catching up to the cohort's state after it",
+                pending.round,
+                ", ".join(m[:12] for m in missed[:3]),
+            )
+            for old in [r for r in self._inboxes if r <= pending.round]:
+                del self._inboxes[old]
+            return
         if pending.own is not None and len(contributions) < len(expected):
             self.incomplete_rounds += 1
             self.failed_rounds_in_row += 1
@@ -588,7 +605,8 @@ class DiLoCoExchange(BaseExchange):
             my_round=self.round,
             my_step=step,
             my_anchor=self.anchor_hash,
-            fresh=step == 0 and self.round == 0,
+            # a fresh node, or an observer that skipped a round, catches up to any newer attested state
+            fresh=(step == 0 and self.round == 0) or self.round < self._catch_up_past,
             merged=self.merges > 0,
             max_round=limit,
             max_steps_per_round=max_steps,
@@ -887,6 +905,7 @@ class DiLoCoExchange(BaseExchange):
             "diloco_incomplete_rounds": self.incomplete_rounds,
             "diloco_merged_own": self.merged_own,
             "diloco_clipped": self.clipped,
+            "diloco_skipped_observed": self.skipped_observed,
             "diloco_delta_bytes": self.delta_bytes,
             "diloco_blob_cap": self.max_blob_bytes,
             "catchup_failures": self.catchup_failures,
