@@ -149,6 +149,12 @@ class DiLoCoExchange(BaseExchange):
                 f"this model's pseudo-gradient is up to {self.max_blob_bytes} bytes (dense int8), over the "
                 f"ceiling of {config.max_blob_bytes}: raise --max-blob-bytes (network.max_blob_bytes)"
             )
+        # Where Δ blobs are written and pulled to, and mapped from (the outer optimiser's spill
+        # directory), or None: in memory.
+        spill = getattr(diloco, "spill_dir", None)
+        self.blob_dir = None if spill is None else Path(spill) / "blobs"
+        if self.blob_dir is not None:
+            self.blob_dir.mkdir(parents=True, exist_ok=True)
         self.delta_bytes = 0
         self.merged_own = False  # the last merge included our own Δ (False: we only observed it)
         self.last_merge_weights: list[float] = []  # averaging weights of the last merge, by author
@@ -352,7 +358,7 @@ class DiLoCoExchange(BaseExchange):
     # -- publish and collect ----------------------------------------------------------------------
 
     async def _publish(self, rnd: int, deadline: float) -> None:
-        blob_dir = self._blob_dir()
+        blob_dir = self.blob_dir
 
         def encode() -> tuple[dict[str, Any], bytes, float, str]:
             # θ at publish time first, then Δ = anchor − θ streamed into the encoder one tensor at a
@@ -412,7 +418,7 @@ class DiLoCoExchange(BaseExchange):
             if int(m.size) > limit:
                 raise ValueError(f"announces {m.size} bytes, over this model's cap of {limit}")
             timeout = max(1.0, deadline - self.clock())
-            blob_dir = self._blob_dir()
+            blob_dir = self.blob_dir
             data: bytes
             if blob_dir is None:
                 data = await self.host.fetch(
@@ -435,16 +441,6 @@ class DiLoCoExchange(BaseExchange):
             log.info("pseudo-gradient fetch from %s failed: %s", m.author, exc)
             return None
         return Contribution(data, float(m.weight), norm)
-
-    def _blob_dir(self) -> Path | None:
-        """Where Δ blobs are written and mapped from (the outer optimiser's spill directory), or None:
-        in memory."""
-        spill = getattr(self.diloco, "spill_dir", None)
-        if spill is None:
-            return None
-        path = Path(spill) / "blobs"
-        path.mkdir(parents=True, exist_ok=True)
-        return path
 
     async def _apply(self, pending: _Pending) -> None:
         self._pending = None

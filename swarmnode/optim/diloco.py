@@ -144,22 +144,21 @@ class DiLoCo:
         """Δ = anchor − local as a blob (``compression.pseudograd``), streamed one tensor at a time.
         ``sparse`` / ``sparse-dct`` code Δ + e and keep in e what the blob left out (error feedback);
         ``int8`` ignores e (a node switching codecs drops it)."""
-        if codec != "int8":  # sparse, sparse-dct
-            return encode_delta(self.iter_pseudo_gradient(), codec, params=params, feedback=self.feedback)
-        self.feedback.clear()
-        return encode_delta(self.iter_pseudo_gradient(), codec)
+        return encode_delta(self.iter_pseudo_gradient(), codec, **self._codec_args(codec, params))
 
     @torch.no_grad()
     def write_pseudo_gradient(
         self, path: str | os.PathLike[str], codec: str = "int8", params: SparseParams | None = None
     ) -> tuple[int, str]:
         """``encode_pseudo_gradient`` into a file (``pseudograd.write_delta``): (size, sha256)."""
-        if codec != "int8":
-            return write_delta(
-                self.iter_pseudo_gradient(), path, codec, params=params, feedback=self.feedback
-            )
+        return write_delta(self.iter_pseudo_gradient(), path, codec, **self._codec_args(codec, params))
+
+    def _codec_args(self, codec: str, params: SparseParams | None) -> dict[str, Any]:
+        """The encoder's sparse arguments (params, error feedback); int8 takes none and drops e."""
+        if codec != "int8":  # sparse, sparse-dct
+            return {"params": params, "feedback": self.feedback}
         self.feedback.clear()
-        return write_delta(self.iter_pseudo_gradient(), path, codec)
+        return {}
 
     @torch.no_grad()
     def local_snapshot(self) -> Mapping[str, torch.Tensor]:
