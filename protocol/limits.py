@@ -57,6 +57,7 @@ MAX_ADDR_LEN = 256
 MAX_HARDWARE_LEN = 64
 MAX_CODEC_LEN = 32
 MAX_ERROR_LEN = 1 * KIB
+MAX_STEP_S = 86400.0  # a presence's step time: a day a step is the slowest a peer may say it is
 
 # Signed 64-bit range: what msgpack carries and what every peer implementation can represent.
 MAX_INT = 2**63 - 1

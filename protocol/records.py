@@ -21,7 +21,7 @@ from swarmnode.protocol import limits
 
 # (major, minor): a node rejects messages of another major version; minor versions only add fields,
 # which older nodes ignore.
-PROTOCOL_VERSION: tuple[int, int] = (1, 0)
+PROTOCOL_VERSION: tuple[int, int] = (1, 1)  # 1.1: Presence.step_s
 
 HASH_RE = re.compile(r"[0-9a-f]{64}")  # sha256, lowercase hex
 OPT_HASH_RE = re.compile(r"(?:[0-9a-f]{64})?")  # "" before the first round
@@ -71,6 +71,9 @@ class Presence:
     # of after the peer timeout. "observing": a joiner that loaded the cohort's state merges the round
     # in flight without a contribution of its own; that round does not wait for it.
     status: Literal["active", "leaving", "observing"] = "active"
+    # (1.1) its recent seconds per training step (0: not measured): a step round's collection waits
+    # for the cohort's slowest step, and a fresh joiner has none of its own to go by.
+    step_s: float = field(default=0.0, metadata=rules(min=0.0, max=limits.MAX_STEP_S))
     version: tuple[int, int] = _version()
 
     def _problems(self) -> Iterator[str]:

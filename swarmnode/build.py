@@ -109,6 +109,7 @@ def build_node(cfg: NodeConfig, host: Host, learner: Learner, *, data_dir: Path,
             anchor_hash=diloco_ex.anchor_hash if diloco_ex is not None else "",
             samples=learner.samples_seen,
             observing=diloco_ex.observing if diloco_ex is not None else False,
+            step_s=diloco_ex.step_seconds if diloco_ex is not None else 0.0,
         )
 
     membership = Membership(

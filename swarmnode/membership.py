@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -70,6 +71,7 @@ class MembershipConfig:
 
 
 RECENT_STATES = 4
+MAX_TIMED_STEPS = 8  # a presence further ahead than this was a catch-up, not training
 
 
 @dataclass(slots=True)
@@ -83,6 +85,8 @@ class _Heard:
     observed: int = -1  # the last round it merged as an observer (presence status "observing")
     # the last few (round, step, anchor) it advertised: replicas a round apart still attest a state
     recent: tuple[tuple[int, int, str], ...] = ()
+    step_at: float = -1.0  # when we first heard its current step (-1: not seen it change yet)
+    step_s: float = 0.0  # its seconds per step, from the steps we saw it take (0: not measured yet)
 
 
 @dataclass(slots=True)
@@ -114,6 +118,7 @@ class Status:
     anchor_hash: str = ""
     samples: int = 0
     observing: bool = False  # merging the round in flight without a contribution (just caught up)
+    step_s: float = 0.0  # recent seconds per training step (0: not measured yet)
 
 
 class Membership:
@@ -214,6 +219,21 @@ class Membership:
         entry = self.peers.get(peer)
         return entry is not None and entry.observed == rnd
 
+    def step_seconds(self) -> float:
+        """The slowest step time among the cohort peers a round waits for (0 when none is known): a
+        step round's collection must outlast a peer that publishes one of *its* steps later, not one
+        of ours. Per peer, the larger of what its presence says (``step_s``) and what we measured
+        from the step changes its presences show (a presence interval coarse); the window that
+        reads it is capped, so a peer that overstates it only lengthens rounds it is missing from."""
+        return max(
+            (
+                max(h.step_s, float(getattr(h.presence, "step_s", 0.0)))
+                for p in self.cohort_peers()
+                if (h := self.peers.get(p)) is not None
+            ),
+            default=0.0,
+        )
+
     def presence_of(self, peer: str) -> Any:
         entry = self.peers.get(peer)
         return None if entry is None else entry.presence
@@ -297,6 +317,11 @@ class Membership:
                     presence=record,
                     observed=old.observed,
                     recent=old.recent,
+                    step_at=old.step_at,
+                    step_s=old.step_s,
+                )
+                _time_steps(
+                    heard, int(getattr(old.presence, "step", 0)), int(getattr(record, "step", 0)), now
                 )
             if getattr(record, "status", "active") == "observing":
                 heard.observed = int(getattr(record, "round", 0)) + 1
@@ -333,6 +358,7 @@ class Membership:
             samples=int(s.samples),
             anchor_hash=s.anchor_hash,
             status=status,  # type: ignore[arg-type]
+            step_s=_bounded_step_s(getattr(s, "step_s", 0.0)),
         )
 
     async def publish(self, status: str = "active") -> None:
@@ -383,6 +409,25 @@ class Membership:
             "presence/table": len(self.peers),
             **self.traffic.as_dict("presence"),
         }
+
+
+def _bounded_step_s(value: Any) -> float:
+    v = float(value)
+    return min(v, limits.MAX_STEP_S) if math.isfinite(v) and v > 0 else 0.0
+
+
+def _time_steps(heard: _Heard, old_step: int, new_step: int, now: float) -> None:
+    """Update a peer's step time when its presence shows a later step. The first change we see only
+    starts the clock (we did not see that step begin); a catch-up that jumps many steps, or a step
+    count going back, restarts it."""
+    if new_step == old_step:
+        return
+    if new_step < old_step or new_step - old_step > MAX_TIMED_STEPS or heard.step_at < 0:
+        heard.step_at = now
+        return
+    dt = (now - heard.step_at) / (new_step - old_step)
+    heard.step_s = dt if heard.step_s == 0 else 0.7 * heard.step_s + 0.3 * dt
+    heard.step_at = now
 
 
 def _heard(entry: Any) -> float:

@@ -530,3 +530,27 @@ def test_step_rounds_collect_for_at_least_a_few_of_our_own_step_times() -> None:
         assert p.ex.window() == pytest.approx(STEP_SLACK * 200.0)
 
     run(body(), clock)
+
+
+def test_a_step_round_collects_for_the_slowest_cohort_peer_s_step_not_only_ours() -> None:
+    # A joiner that just loaded state has no step time of its own (and then steps faster than its
+    # donors): its window must outlast a donor that publishes one of *its* steps later.
+    from swarmnode.exchange.diloco import STEP_SLACK
+
+    clock = FakeClock()
+    bus = Bus()
+    fast = make(bus, "peerA", clock, merge_every=10)
+    slow = make(bus, "peerB", clock, merge_every=10)
+
+    async def body() -> None:
+        assert fast.ex.window() == fast.ex.config.collect_seconds
+        for step in range(1, 5):
+            await settle(8.0)  # 8 s a step (presences every 0.5 s carry it)
+            slow.step = step
+            await slow.members.publish()
+            await asyncio.sleep(0)
+        assert fast.members.step_seconds() == pytest.approx(8.0, abs=0.6)
+        assert fast.ex.config.collect_seconds < STEP_SLACK * 7.0
+        assert fast.ex.window() == pytest.approx(STEP_SLACK * 8.0, abs=1.5)
+
+    run(running([fast, slow], body()), clock)

@@ -381,3 +381,52 @@ def test_a_peer_s_last_few_advertised_states_are_kept() -> None:
         assert a.recent_states("nobody") == ()
 
     run(_run_for([a, b], body()), clock)
+
+
+def test_a_cohort_peer_s_step_time_is_measured_from_the_steps_its_presences_show() -> None:
+    # A step round must outlast the slowest cohort peer's step, not ours (a joiner steps faster).
+    clock = FakeClock()
+    bus = Bus()
+    a, _ = make(bus, "peerA", clock)
+    make(bus, "peerB", clock)  # connected, so a cohort peer
+
+    def hear(step: int) -> None:
+        b = make(Bus(), "peerB", clock)[0]
+        b.status = lambda: Status(step=step, round=0, anchor_hash="ab" * 32)
+        a.observe("peerB", codec.decode(codec.encode(b.record())))
+
+    # peers time out after 5 s of silence (this test's config): presences every 2 s or less
+    hear(3)
+    clock.advance(1.0)
+    hear(4)  # the first change only starts the clock: we did not see step 4 begin at step 3's end
+    assert a.step_seconds() == 0.0
+    clock.advance(2.0)
+    hear(4)
+    clock.advance(2.0)
+    hear(5)
+    assert a.step_seconds() == pytest.approx(4.0)
+    clock.advance(4.0)
+    hear(6)
+    clock.advance(4.0)
+    hear(7)  # 4 s a step again, with a presence heard between the steps
+    assert a.step_seconds() == pytest.approx(4.0)
+    clock.advance(1.0)
+    hear(500)  # a catch-up jump is not a step time
+    assert a.step_seconds() == pytest.approx(4.0)
+
+
+def test_a_peer_s_advertised_step_time_counts_before_we_could_measure_one() -> None:
+    # A fresh joiner has heard a donor for less than a step: the donor's presence says its step time.
+    clock = FakeClock()
+    bus = Bus()
+    a, _ = make(bus, "peerA", clock)
+    b, _ = make(bus, "peerB", clock)
+    b.status = lambda: Status(step=3, round=1, anchor_hash="ab" * 32, step_s=200.0)
+    a.observe("peerB", codec.decode(codec.encode(b.record())))
+    assert a.presence_of("peerB").step_s == 200.0
+    assert a.step_seconds() == 200.0
+    for bad in (float("nan"), float("inf"), -1.0):
+        b.status = lambda bad=bad: Status(step=3, round=1, anchor_hash="ab" * 32, step_s=bad)
+        assert b.record().step_s == 0.0  # never advertised: it could not be encoded
+    b.status = lambda: Status(step=3, round=1, anchor_hash="ab" * 32, step_s=1e12)
+    assert b.record().step_s == 86400.0

@@ -355,12 +355,17 @@ def test_presence_rules() -> None:
         anchor_hash="",
     )
     assert codec.decode(codec.encode(p), r.Presence) == p
+    older = wire(p)
+    del older["step_s"]  # a 1.0 peer's presence has no step time: it decodes, as not measured
+    assert codec.decode(msgpack.packb(older), r.Presence).step_s == 0.0
     for field, value, match in [
         ("engine", "tgi", "engine: expected one of hf, vllm"),
         ("swarm", "Demo", "swarm: 'Demo' does not match"),
         ("addrs", ["ip4/1.2.3.4"], r"addrs\[0\]: expected a multiaddr"),
         ("addrs", ["/x"] * 17, "addrs: 17 items"),
         ("samples", 1.0, "samples: expected int, got float"),
+        ("step_s", -1.0, "step_s"),
+        ("step_s", 1e9, "step_s"),
     ]:
         w = wire(p)
         w[field] = value
@@ -418,8 +423,8 @@ def test_malformed_version_rejected(v: Any) -> None:
 def test_every_message_carries_the_version() -> None:
     for cls in r.MESSAGE_TYPES:
         assert "version" in {f.name for f in dataclasses.fields(cls)}, cls
-    assert wire(manifest())["v"] == [1, 0]
-    assert protocol.PROTOCOL_VERSION == (1, 0)
+    assert wire(manifest())["v"] == [1, 1]
+    assert protocol.PROTOCOL_VERSION == (1, 1)
 
 
 def test_kind_checks() -> None:

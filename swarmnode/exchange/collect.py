@@ -21,6 +21,9 @@ log = logging.getLogger(__name__)
 C = TypeVar("C")
 # Open rounds (besides the one collecting) an author may hold manifests in.
 MAX_ROUNDS_PER_AUTHOR = 2
+# A deadline closer than this has passed: below the event loop's clock resolution a timer fires at
+# once without time moving, and waiting on it would spin.
+CLOCK_EPSILON_S = 1e-6
 
 
 @dataclass(slots=True)
@@ -52,11 +55,13 @@ async def collect_round(
     *,
     expected: Callable[[], list[str]],
     fetch: Callable[[Any], Coroutine[Any, Any, C | None]],
-    deadline: float,
+    deadline: Callable[[], float],
     clock: Callable[[], float],
 ) -> dict[str, C]:
     """{author: (Δ, weight)} of the contributions that arrived in time; ``fetch`` never raises (it
-    returns None for a failed pull), so one bad peer cannot cancel the others' pulls."""
+    returns None for a failed pull), so one bad peer cannot cancel the others' pulls. ``deadline``
+    is read again as the round goes (a step round's window grows with the cohort's measured step
+    times)."""
     fetches: dict[str, asyncio.Task[C | None]] = {}
     try:
         async with asyncio.TaskGroup() as pulls:
@@ -67,14 +72,17 @@ async def collect_round(
                             fetches[author] = pulls.create_task(fetch(manifest))
                     if set(expected()) <= set(inbox.manifests):
                         break
-                    remaining = deadline - clock()
-                    if remaining <= 0:
+                    remaining = deadline() - clock()
+                    if remaining <= CLOCK_EPSILON_S:
                         break
                     inbox.arrived.clear()
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(inbox.arrived.wait(), timeout=min(remaining, 0.25))
-                if fetches:
-                    await asyncio.wait(fetches.values(), timeout=max(0.0, deadline - clock()))
+                while fetches and not all(t.done() for t in fetches.values()):
+                    left = deadline() - clock()
+                    if left <= CLOCK_EPSILON_S:
+                        break
+                    await asyncio.wait(fetches.values(), timeout=min(left, 1.0))
             finally:
                 for task in fetches.values():  # a slow or dead peer is left out of this round
                     task.cancel()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import tempfile
 import time
@@ -85,6 +86,9 @@ LIVE_SPACING_S = 0.25
 
 # Step rounds collect for at least this many of our own step times (see ``DiLoCoExchange.window``).
 STEP_SLACK = 2.5
+# ... and of the cohort peers' (a joiner that just loaded state has no step time of its own), but
+# never more than MAX_WINDOW_S (or collect_seconds, if larger): presences cannot stretch it unbounded.
+MAX_WINDOW_S = 3600.0
 
 
 @dataclass(slots=True)
@@ -280,10 +284,8 @@ class DiLoCoExchange(BaseExchange):
             return  # we observe this round: the cohort published it before we joined
         await self.drain()  # round r+1 ended before round r's collection did (bounded wait)
         rnd, deadline = due
-        if self.clock_rounds is None:
-            # Step rounds: the window opens when we publish; that wait must not use up round r+1's.
-            deadline = self.clock() + self.window()
-        await self._publish(rnd, deadline)
+        # Step rounds: the window opens when we publish; that wait must not use up round r+1's.
+        await self._publish(rnd, deadline if self.clock_rounds is not None else self._window_from_now())
 
     async def finish(self, stopped: bool) -> None:
         """Budget spent: merge the round in flight so every replica ends on the same anchor, then
@@ -312,13 +314,23 @@ class DiLoCoExchange(BaseExchange):
         ):
             await asyncio.sleep(0.05)
 
+    @property
+    def step_seconds(self) -> float:
+        """Our recent seconds per step (an EMA; 0 before the second step), advertised in presence."""
+        return self._step_s
+
     def window(self) -> float:
         """How long a round collects. Step rounds: peers publish when they reach the same step, so
-        a peer a step or two behind us publishes that much later: at least ``STEP_SLACK`` of our
-        own step times (a 0.5 B model on a CPU takes minutes a step), else ``collect_seconds``."""
+        a peer a step or two behind us publishes that much later: at least ``STEP_SLACK`` of the
+        slowest step time among us and the cohort peers we wait for (a 0.5 B model on a CPU takes
+        minutes a step; a joiner that just loaded state may step 4x faster than its donors), else
+        ``collect_seconds``. Never more than ``MAX_WINDOW_S``: a peer's presences cannot stretch it
+        without bound."""
         if self.clock_rounds is not None:
             return self.config.collect_seconds
-        return max(self.config.collect_seconds, STEP_SLACK * self._step_s)
+        slowest = max(self._step_s, getattr(self.members, "step_seconds", lambda: 0.0)())
+        floor = self.config.collect_seconds
+        return min(max(floor, STEP_SLACK * slowest), max(floor, MAX_WINDOW_S))
 
     def _due(self, step: int) -> tuple[int, float] | None:
         """(round to publish, its collection deadline on ``clock``) if a round ended at this step."""
@@ -357,7 +369,13 @@ class DiLoCoExchange(BaseExchange):
 
     # -- publish and collect ----------------------------------------------------------------------
 
-    async def _publish(self, rnd: int, deadline: float) -> None:
+    def _window_from_now(self) -> Callable[[], float]:
+        """A step round's deadline: ``window()`` from now, re-read while the round collects (the
+        cohort's step times are measured from presences, which a fresh joiner is still hearing)."""
+        t0 = self.clock()
+        return lambda: t0 + self.window()
+
+    async def _publish(self, rnd: int, deadline: float | Callable[[], float]) -> None:
         blob_dir = self.blob_dir
 
         def encode() -> tuple[dict[str, Any], bytes, float, str]:
@@ -399,8 +417,10 @@ class DiLoCoExchange(BaseExchange):
         task = self._tg.create_task(self._collect(rnd, deadline))
         self._pending = _Pending(rnd, task, published, Contribution(blob, weight, norm), content_hash)
 
-    async def _collect(self, rnd: int, deadline: float) -> dict[str, Contribution]:
+    async def _collect(self, rnd: int, deadline: float | Callable[[], float]) -> dict[str, Contribution]:
         inbox = self._inboxes.setdefault(rnd, Inbox())
+        if not callable(deadline):
+            deadline = functools.partial(float, deadline)
         return await collect_round(
             inbox,
             expected=self.members.cohort_peers,
@@ -409,7 +429,7 @@ class DiLoCoExchange(BaseExchange):
             clock=self.clock,
         )
 
-    async def _fetch_one(self, m: Any, deadline: float) -> Contribution | None:
+    async def _fetch_one(self, m: Any, deadline: Callable[[], float]) -> Contribution | None:
         """(Δ blob, weight, norm) from the manifest's author, validated against our model, or None
         (counted) when anything goes wrong. The pull may take until the round's collection deadline
         (a 0.5 GB Δ needs ~40 s at 100 Mbit/s, more from a busy peer)."""
@@ -417,7 +437,7 @@ class DiLoCoExchange(BaseExchange):
         try:
             if int(m.size) > limit:
                 raise ValueError(f"announces {m.size} bytes, over this model's cap of {limit}")
-            timeout = max(1.0, deadline - self.clock())
+            timeout = max(1.0, deadline() - self.clock())
             blob_dir = self.blob_dir
             data: bytes
             if blob_dir is None:
@@ -837,7 +857,7 @@ class DiLoCoExchange(BaseExchange):
             # round r+1 from it: merge that round with them (our Δ would be empty) so we land on the
             # anchor they land on, then take part from the round after.
             nxt = self.round + 1
-            task = self._tg.create_task(self._collect(nxt, self.clock() + self.window()))
+            task = self._tg.create_task(self._collect(nxt, self._window_from_now()))
             self._pending = _Pending(nxt, task)
         log.info(
             "%s from %s: round %d step %d (%s, support %d)",
