@@ -3,12 +3,18 @@ host, the protocol codec, gossip signed by the attacker's or by Sybil keys, real
 each attack of issue "strangers in the swarm" against two `swarmnode run` processes on 127.0.0.1.
 
     python scripts/bench_hostile.py [--optimizer adamw|demo] [--out DIR]
-    python scripts/bench_hostile.py --byzantine [--honest 4 --steps 600]
+    python scripts/bench_hostile.py --byzantine [--honest 4 --all-honest 4 --steps 600]
 
 Per attack it prints what was sent, what the victims counted (deltas of their metrics.jsonl
 counters over the attack), whether both victims are alive, and harm: a victim's anchor equal to the
 attacker's, a round or step jump, a reward collapse (mean reward of the 30 steps after the attack
 below half of the 30 before), the two victims' anchors unequal a round later. One JSON object.
+
+``--byzantine``: ``--honest`` nodes on bench_swarm's swarm-arm settings with one Byzantine host
+(16 Sybil identities) among them, against ``--all-honest`` honest nodes alone (``--honest 3
+--all-honest 4``: one of bench_swarm's 4 seats taken by the attacker, 25 % of hosts); the honest
+nodes' mean cumulative reward in both, whether any honest anchor ever equalled the attacker's,
+and what each honest node counted.
 """
 
 from __future__ import annotations
@@ -590,14 +596,20 @@ async def byzantine_host(victims: list[Victim], out: Path, stop: asyncio.Event) 
     """One attacker host with 16 Sybil identities doing, all run long, every attack that can target a
     training swarm: poisoned Δ manifests (weight 1e30) for the next rounds, a false presence ahead with
     a made-up anchor from each identity (a Sybil majority for catch-up and re-sync), replays of the
-    victims' rollout batches, malformed messages on every topic."""
+    victims' rollout batches, DeMo components with 1e30 DC values, malformed messages on every topic."""
     from swarmnode.protocol import codec, topics
 
     from swarmnode.p2p import HostConfig, open_host
     from swarmnode.policy import load_policy
     from swarmnode.tinymodel import build_tiny_policy
 
-    sent = {"poisoned_manifests": 0, "sybil_presences": 0, "replayed_rollouts": 0, "malformed": 0}
+    sent = {
+        "poisoned_manifests": 0,
+        "sybil_presences": 0,
+        "replayed_rollouts": 0,
+        "demo_push": 0,
+        "malformed": 0,
+    }
     async with open_host(HostConfig(data_dir=out / "attacker", bootstrap=[victims[0].multiaddr()])) as host:
         attacker = Attacker(host)
         ids = attacker.make_sybils(16)
@@ -630,6 +642,7 @@ async def byzantine_host(victims: list[Victim], out: Path, stop: asyncio.Event) 
                 for _ in range(5):
                     await attacker.publish(c.topic(topics.ROLLOUTS), data)
                     sent["replayed_rollouts"] += 1
+            sent["demo_push"] += (await attack_demo_dc_push(c, seconds=2.0))["sent"]
             sent["malformed"] += (await attack_malformed(c))["sent"]
         cap_task.cancel()
     return sent
@@ -640,16 +653,19 @@ def _cumulative(v: Victim) -> float:
 
 
 def byzantine_run(args: argparse.Namespace, out: Path, attack: bool) -> dict[str, Any]:
+    """``args.honest`` honest nodes and the Byzantine host, or (``attack`` False) ``args.all_honest``
+    honest nodes."""
     from swarmnode.tinymodel import build_tiny_policy
 
     model = str(build_tiny_policy(out / "tiny-model", family="reverse-exact"))
+    n = args.honest if attack else (args.all_honest or args.honest)
     honest: list[Victim] = []
-    report: dict[str, Any] = {}
+    report: dict[str, Any] = {"honest_nodes": n}
     try:
-        honest.append(Honest(0, out, "", model, args.steps, args.honest - 1))
+        honest.append(Honest(0, out, "", model, args.steps, n - 1))
         boot = honest[0].multiaddr()
-        for i in range(1, args.honest):
-            honest.append(Honest(i, out, boot, model, args.steps, args.honest - 1))
+        for i in range(1, n):
+            honest.append(Honest(i, out, boot, model, args.steps, n - 1))
 
         async def run() -> dict[str, int]:
             stop = asyncio.Event()
@@ -681,9 +697,17 @@ def main() -> int:
         "--byzantine",
         action="store_true",
         help="instead: --honest nodes on bench_swarm's settings with one Byzantine host (16 Sybil "
-        "identities) against the same nodes alone; honest cumulative reward of both",
+        "identities) among them, against --all-honest honest nodes alone; honest cumulative reward of both",
     )
-    ap.add_argument("--honest", type=int, default=4)
+    ap.add_argument(
+        "--honest", type=int, default=4, help="--byzantine: honest nodes beside the Byzantine host"
+    )
+    ap.add_argument(
+        "--all-honest",
+        type=int,
+        default=0,
+        help="--byzantine: nodes of the all-honest arm (default --honest)",
+    )
     ap.add_argument("--steps", type=int, default=600, help="--byzantine: steps per honest node")
     args = ap.parse_args()
     out = args.out or Path(tempfile.mkdtemp(prefix="bench-hostile-"))
@@ -697,6 +721,8 @@ def main() -> int:
                 {
                     "honest": args.honest,
                     "byzantine_hosts": 1,
+                    "byzantine_share_of_hosts": round(1 / (args.honest + 1), 3),
+                    "all_honest_nodes": args.all_honest or args.honest,
                     "sybil_identities": 16,
                     "steps": args.steps,
                     "honest_reward_ratio": round(ratio, 3),

@@ -294,6 +294,9 @@ def test_wall_clock_rounds_weight_contributions_by_samples() -> None:
     run(running([fast, slow], body()), clock)
     # authors sorted: peerA (six steps of 8 groups since the round opened) then peerB (three)
     assert fast.ex.last_merge_weights == slow.ex.last_merge_weights == [48.0, 24.0]
+    stats = [p.ex.statistics() for p in (fast, slow)]  # what the metrics rows and status show
+    assert [s["diloco_published_weight"] for s in stats] == [48.0, 24.0]
+    assert stats[0]["merge_weights"] == stats[1]["merge_weights"] == [48.0, 24.0]
     assert fast.ex.round == slow.ex.round == 10
     assert fast.ex.anchor_hash == slow.ex.anchor_hash
     # round ids come from the clock: a manifest for a round that cannot have ended is refused

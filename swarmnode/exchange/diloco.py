@@ -162,6 +162,7 @@ class DiLoCoExchange(BaseExchange):
         self.delta_bytes = 0
         self.merged_own = False  # the last merge included our own Δ (False: we only observed it)
         self.last_merge_weights: list[float] = []  # averaging weights of the last merge, by author
+        self.published_weight = 0.0  # our last contribution's averaging weight (groups trained on)
         self.incomplete_rounds = 0  # merged with fewer contributors than cohort peers expected
         self.failed_rounds_in_row = 0
         self.last_round_problem = ""
@@ -399,6 +400,7 @@ class DiLoCoExchange(BaseExchange):
         # Averaging weight: groups trained on since the last publish (DiLoCo weights by samples).
         weight = float(max(1, self.samples_since_publish))
         self.samples_since_publish = 0
+        self.published_weight = weight
         self.delta_bytes = len(blob)
         manifest = RoundManifest(
             round=rnd,
@@ -936,6 +938,10 @@ class DiLoCoExchange(BaseExchange):
             "anchor_hash": self.anchor_hash,
             "merges": self.merges,
             "merge_contributors": self.merge_contributors,
+            # the last merge's averaging weights (capped claims; sorted by author) and our own claim:
+            # in wall-clock rounds a node 3x slower contributes about a third of a fast one's weight
+            "merge_weights": [round(w, 3) for w in self.last_merge_weights],
+            "diloco_published_weight": self.published_weight,
             "heals": self.heals,
             "catchups": self.catchups,
             "replica_distance_before_merge": self.replica_distance,
