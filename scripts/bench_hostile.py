@@ -546,9 +546,10 @@ async def run_attacks(args: argparse.Namespace, victims: list[Victim], out: Path
             results["demo_dc_push_40_per_s"] = {"skipped": "victims run adamw; rerun with --optimizer demo"}
         await one("replayed_rollouts_x100", attack_replayed_rollouts(c, captured))
         cap_task.cancel()
-    results["malicious_state_donor"] = {
-        "skipped": "needs the attacker to serve a state over the state stream, which is being rebuilt"
-    }
+    # its own attacker host and a fresh joiner whose only bootstrap it is (scripts/hostile_donor.py)
+    from hostile_donor import attack_malicious_donor
+
+    results["malicious_state_donor"] = await attack_malicious_donor(out, index=2, optimizer=args.optimizer)
     return results
 
 
@@ -632,6 +633,25 @@ async def byzantine_host(victims: list[Victim], out: Path, stop: asyncio.Event) 
         ).model
         shapes = {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
         c = Context(attacker, victims, cohort, shapes, out)
+        # a malicious state donor all run long: a zeroed but well-formed state at the newest round
+        # heard, announced by the attacker and 4 of its Sybils (scripts/hostile_donor.py)
+        from hostile_donor import serve_poisoned_state
+
+        rnd = c.round_now()
+        donor = asyncio.create_task(
+            serve_poisoned_state(
+                host,
+                swarm=SWARM,
+                cohort=cohort,
+                model_dir=out / "attacker-model",
+                round_=rnd,
+                step=rnd * INNER_STEPS,
+                stop=stop,
+                sybil_publish=attacker.publish_as,
+                sybil_ids=ids[:4],
+                ahead=0,
+            )
+        )
         while not stop.is_set():
             sent["poisoned_manifests"] += (await attack_poisoned_delta(c))["sent"]  # ~12 s
             r = c.round_now()
@@ -645,6 +665,13 @@ async def byzantine_host(victims: list[Victim], out: Path, stop: asyncio.Event) 
             sent["demo_push"] += (await attack_demo_dc_push(c, seconds=2.0))["sent"]
             sent["malformed"] += (await attack_malformed(c))["sent"]
         cap_task.cancel()
+        try:
+            served = await donor
+        except Exception as exc:  # reported in the JSON, not lost with the run
+            sent["poisoned_state_error"] = f"{type(exc).__name__}: {exc}"[:300]  # type: ignore[assignment]
+        else:
+            sent["poisoned_state_presences"] = served["presences"] + served["sybil_presences"]
+            sent["poisoned_state_requests_served"] = served["state_requests_served"]
     return sent
 
 
