@@ -527,6 +527,14 @@ async def run_attacks(args: argparse.Namespace, victims: list[Victim], out: Path
             after = _snapshot(victims)
             info["counted"] = _delta(before, after)
             info["merges_during"] = [int(a.get("merges", 0)) - m for a, m in zip(after, merges0, strict=True)]
+            # round latency: publish to every contribution in, over the rounds merged meanwhile
+            lat = [
+                float(r["diloco_collect_s"])
+                for v, b in zip(victims, before, strict=True)
+                for r in v.rows()
+                if r["step"] > b.get("step", 0) and r.get("diloco_collect_s")
+            ]
+            info["round_collect_s_mean"] = round(sum(lat) / len(lat), 3) if lat else None
             info["victims_alive"] = all(v.alive() for v in victims)
             info["harmed"] = harm
             results[name] = info

@@ -191,6 +191,7 @@ def test_a_dead_peer_is_left_out_at_the_deadline_and_survivors_agree() -> None:
         assert p.ex.merge_contributors == 2
         assert p.ex.blocked_s <= 10.0
         assert p.ex.blocked_s >= 9.0  # it did wait for the dead peer, until the deadline
+        assert 9.0 <= p.ex.statistics()["diloco_collect_s"] <= 10.0  # the round's latency, reported
     assert alive[0].ex.anchor_hash == alive[1].ex.anchor_hash
 
 

@@ -101,6 +101,8 @@ class _Pending:
     published: dict[str, Any] | None = None  # our weights at publish time (their own dtype)
     own: Contribution | None = None  # our Δ blob as peers pull it: what enters the average
     content_hash: str = ""
+    started: float = 0.0  # when the collection began (our publish), on the exchange's clock
+    collected_at: float = 0.0  # when it ended (every contribution in, or the deadline)
 
 
 class DiLoCoExchange(BaseExchange):
@@ -163,6 +165,7 @@ class DiLoCoExchange(BaseExchange):
         self.merged_own = False  # the last merge included our own Δ (False: we only observed it)
         self.last_merge_weights: list[float] = []  # averaging weights of the last merge, by author
         self.published_weight = 0.0  # our last contribution's averaging weight (groups trained on)
+        self.collect_s = 0.0  # our last round's collection: publish to every contribution in (or deadline)
         self.incomplete_rounds = 0  # merged with fewer contributors than cohort peers expected
         self.failed_rounds_in_row = 0
         self.last_round_problem = ""
@@ -417,7 +420,9 @@ class DiLoCoExchange(BaseExchange):
         self.traffic.bytes_sent += len(data)
         self._pull_problems = []
         task = self._tg.create_task(self._collect(rnd, deadline))
-        self._pending = _Pending(rnd, task, published, Contribution(blob, weight, norm), content_hash)
+        pending = _Pending(rnd, task, published, Contribution(blob, weight, norm), content_hash, self.clock())
+        task.add_done_callback(lambda _t: setattr(pending, "collected_at", self.clock()))
+        self._pending = pending
 
     async def _collect(self, rnd: int, deadline: float | Callable[[], float]) -> dict[str, Contribution]:
         inbox = self._inboxes.setdefault(rnd, Inbox())
@@ -509,6 +514,8 @@ class DiLoCoExchange(BaseExchange):
             log.warning("%s", self.last_round_problem)
         elif pending.own is not None:
             self.failed_rounds_in_row = 0
+        if pending.own is not None and pending.collected_at:
+            self.collect_s = pending.collected_at - pending.started
         # Sorted by author so every node sums in the same order and lands on the same anchor bits.
         authors = sorted(contributions)
         ordered = [contributions[a] for a in authors]
@@ -947,6 +954,7 @@ class DiLoCoExchange(BaseExchange):
             "replica_distance_before_merge": self.replica_distance,
             "carried_progress": self.carried_progress,
             "diloco_blocked_s": round(self.blocked_s, 4),
+            "diloco_collect_s": round(self.collect_s, 4),
             **self.traffic.as_dict("diloco"),
         }
 
