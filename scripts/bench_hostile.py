@@ -59,6 +59,7 @@ COUNTERS = (
     "heals",
     "merges",
     "diloco_clipped",
+    "diloco_outliers",
     "cohort_peers",
 )
 

@@ -52,6 +52,7 @@ __all__ = [
     "combine",
     "global_norm",
     "median_combine",
+    "norm_outliers",
     "peer_coefficients",
     "replica_spread",
     "robust_aggregate",
@@ -96,6 +97,22 @@ def bound_weights(weights: Sequence[float], ceiling: float) -> list[float]:
         ok = isinstance(w, int | float) and not isinstance(w, bool) and math.isfinite(w) and w > 0
         out.append(min(float(w), float(ceiling)) if ok else 0.0)
     return out
+
+
+# A contribution whose global norm is over this many times the median one is no plausible round of
+# training (clipping would still let its direction in at the median norm): it is left out.
+NORM_OUTLIER_OVER_MEDIAN = 4.0
+
+
+def norm_outliers(norms: Sequence[float], over: float = NORM_OUTLIER_OVER_MEDIAN) -> list[bool]:
+    """Per contribution, whether its norm is over ``over`` x the median (the lower middle) of the
+    finite norms; only with 3 or more of them (with two, neither can be told to be the outlier, and
+    clipping to the smaller norm is the conservative choice). Non-finite norms are outliers."""
+    finite = sorted(float(n) for n in norms if math.isfinite(n) and n >= 0)
+    if len(finite) < 3:
+        return [not (math.isfinite(n) and n >= 0) for n in norms]
+    median = finite[(len(finite) - 1) // 2]
+    return [not (math.isfinite(n) and n >= 0) or float(n) > over * median for n in norms]
 
 
 def clip_scales(norms: Sequence[float]) -> list[float]:

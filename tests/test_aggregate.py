@@ -246,3 +246,13 @@ def test_the_combine_adapters_take_folded_coefficients() -> None:
         out = fn(tensors, coefs)
         assert _cos(out, honest_mean) > 0.9
         assert torch.equal(out, fn([t.clone() for t in tensors], list(coefs)))
+
+
+def test_norm_outliers_are_over_4x_the_median_with_three_or_more_contributors() -> None:
+    from swarmnode.aggregate import norm_outliers
+
+    assert norm_outliers([1.0, 2.0, 3.0, 1000.0]) == [False, False, False, True]
+    assert norm_outliers([1.0, 2.0, 8.0]) == [False, False, False]  # exactly 4x the median: kept
+    assert norm_outliers([1.0, 2.0, 8.01]) == [False, False, True]
+    assert norm_outliers([1.0, 1000.0]) == [False, False]  # two: clipping decides, not exclusion
+    assert norm_outliers([1.0, float("nan"), 2.0, 3.0]) == [False, True, False, False]

@@ -11,6 +11,7 @@ import asyncio
 import math
 from typing import Any
 
+import pytest
 import torch
 from fakes import COHORT_A, SWARM, Bus, FakeClock, FakeHost, Msg, make_membership, run, settle, with_started
 from swarmnode.compression.pseudograd import encode_delta
@@ -101,10 +102,12 @@ async def _swarm(replicas: list[Replica], body: Any) -> None:
     await with_started([part for r in replicas for part in (r.members, r.ex)], body, settle_first=True)
 
 
-def _poisoned_round(bus: Bus, weight: float) -> None:
-    """Eve serves a Δ of +100 per element (the honest ones are -0.3 .. -0.9) and claims ``weight``."""
+def _poisoned_round(bus: Bus, weight: float, value: float = 2.0) -> None:
+    """Eve serves a Δ of ``value`` per element (the honest ones are -0.3 .. -0.9; +2.0 is a norm
+    3.3x the median, under the outlier bar, so clipping and the merge rule must deal with it) and
+    claims ``weight``."""
     eve = FakeHost(bus, "eve")
-    blob = encode_delta({"w": torch.full((16,), 100.0)}, "int8")
+    blob = encode_delta({"w": torch.full((16,), value)}, "int8")
     manifest = RoundManifest(
         round=1,
         author="eve",
@@ -118,7 +121,7 @@ def _poisoned_round(bus: Bus, weight: float) -> None:
     relay(bus, ROUNDS, "eve", codec.encode(manifest))
 
 
-def _merge_with_eve(robust: bool) -> list[Replica]:
+def _merge_with_eve(robust: bool, value: float = 2.0) -> list[Replica]:
     clock = FakeClock()
     bus = Bus()
     replicas = [
@@ -126,7 +129,7 @@ def _merge_with_eve(robust: bool) -> list[Replica]:
     ]
 
     async def body() -> None:
-        _poisoned_round(bus, 1e30)
+        _poisoned_round(bus, 1e30, value)
         for r in replicas:
             await r.train(3)
         await asyncio.gather(*(r.ex.drain() for r in replicas))
@@ -151,6 +154,18 @@ def test_with_the_plain_mean_the_same_attack_takes_the_anchor() -> None:
     replicas = _merge_with_eve(robust=False)  # the exchange's default merge rule
     assert len({r.ex.anchor_hash for r in replicas}) == 1
     assert bool((replicas[0].w.detach() < 0).all())
+
+
+@pytest.mark.parametrize("robust", [True, False])
+def test_a_delta_with_over_4x_the_median_norm_is_left_out_whatever_the_merge_rule(robust: bool) -> None:
+    # +100 per element: clipped to the median norm it would still pull every weight eve's way
+    replicas = _merge_with_eve(robust=robust, value=100.0)
+    assert len({r.ex.anchor_hash for r in replicas}) == 1
+    assert all(r.ex.statistics()["diloco_outliers"] == 1 for r in replicas)
+    # the three honest replicas alone (0.3, 0.6, 0.9; 0.9 clipped to the median norm, 0.6): their
+    # median 0.6 (the trimmed mean of three), or their plain mean 0.5
+    want = 0.6 if robust else 0.5
+    assert torch.allclose(replicas[0].w.detach(), torch.full((16,), want), atol=1e-2)
 
 
 # -- 150 Sybil presences do not stretch a round ---------------------------------------------------

@@ -188,6 +188,7 @@ class DiLoCoExchange(BaseExchange):
         self._probe_after = float("-inf")
         self._live_after = float("-inf")
         self.clipped = 0
+        self.outliers = 0  # contributions left out of merges: a norm over 4x the median
         self.skipped_observed = 0  # observed rounds not merged (a contribution missing)
         self._catch_up_past = 0  # catch up to a state newer than this round (a skipped observed round)
         self.agreeing: list[str] = []  # authors of the last merge whose Δ agreed with the rest
@@ -553,6 +554,7 @@ class DiLoCoExchange(BaseExchange):
         self.agreeing = [authors[i] for i in report.agreeing]
         self.last_merge_weights = [min(c.weight, cap) for c in contributions]
         self.clipped += report.clipped
+        self.outliers += report.outliers
         self.carried_progress = report.carried if pending.published is not None else float("nan")
         self.on_weights()
 
@@ -930,6 +932,7 @@ class DiLoCoExchange(BaseExchange):
             "diloco_incomplete_rounds": self.incomplete_rounds,
             "diloco_merged_own": self.merged_own,
             "diloco_clipped": self.clipped,
+            "diloco_outliers": self.outliers,
             "diloco_skipped_observed": self.skipped_observed,
             "diloco_delta_bytes": self.delta_bytes,
             "diloco_blob_cap": self.max_blob_bytes,

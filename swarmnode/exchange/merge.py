@@ -11,8 +11,9 @@ largest tensor (a sparse blob decodes a tensor at a time). The blobs themselves 
 files (what the exchange pulls them into), so n contributions of 0.5 GB are page cache, not heap.
 
 Weights: each peer's claimed weight is capped by ``max_weight`` (what a peer can have trained on in a
-round), each contribution is clipped to the median global norm (Templar's rule, so one 1000×
-outlier counts at most as much as a typical peer), then every coordinate is aggregated by
+round), a contribution whose norm is over 4× the median is left out (with 3 or more contributors;
+it is no plausible round of training), the rest are clipped to their median global norm (Templar's
+rule, so a 3× outlier counts at most as much as a typical peer), then every coordinate is aggregated by
 ``aggregate.combine`` (default: the coordinate-wise trimmed mean, which bounds the *direction* one
 Byzantine contributor of four can push, not only its norm). Contributions are sorted by author
 and every step is deterministic, so replicas that merged the same blobs land on bit-identical anchors.
@@ -29,7 +30,7 @@ from typing import Any, cast
 
 import torch
 
-from swarmnode.aggregate import bound_weights, clip_scales, combine
+from swarmnode.aggregate import bound_weights, clip_scales, combine, norm_outliers
 from swarmnode.compression.pseudograd import BAND_NUMEL, delta_sq_norms, iter_decode_bands
 from swarmnode.protocol.errors import ProtocolError
 
@@ -64,6 +65,7 @@ AGREE_OVER_MEDIAN = 2.0
 class MergeReport:
     contributors: int = 0
     clipped: int = 0
+    outliers: int = 0  # left out: a norm over NORM_OUTLIER_OVER_MEDIAN x the median (3+ contributors)
     clip_norm: float = 0.0
     replica_distance: float = float("nan")  # mean ‖Δ_i − Δ̄‖ over the contributors
     carried: float = float("nan")
@@ -107,8 +109,11 @@ def merge(
     take the outer step; see ``swarmnode.aggregate`` for what each method tolerates."""
     report = MergeReport(contributors=len(contribs))
     weights = bound_weights([c.weight for c in contribs], max_weight)
-    scales = clip_scales([c.norm for c in contribs])
-    report.clipped = sum(1 for s in scales if s < 1.0)
+    # A norm far over the median is left out (scale 0), and the clip norm is the median of the rest.
+    outlier = norm_outliers([c.norm for c in contribs])
+    report.outliers = sum(outlier)
+    scales = clip_scales([math.nan if o else c.norm for c, o in zip(contribs, outlier, strict=True)])
+    report.clipped = sum(1 for s, o in zip(scales, outlier, strict=True) if 0.0 < s < 1.0 and not o)
     shapes = diloco.shapes()
     streams = [iter_decode_bands(c.blob, max_bytes, shapes=shapes, band=band) for c in contribs]
     spread_sq = [0.0] * len(contribs)
@@ -119,8 +124,9 @@ def merge(
             bands = [t for n, a, b, t in parts if (n, a, b) == (name, lo, hi)]
             if len(bands) != len(parts):  # check_delta ran on every blob: only a bug gets here
                 raise RuntimeError(f"contributions disagree on band order at {name!r}[{lo}:{hi}]")
-            if len(bands) > 1:
-                mean = _mean(bands)
+            used = [t for t, o in zip(bands, outlier, strict=True) if not o]
+            if len(used) > 1:
+                mean = _mean(used)
                 for i, t in enumerate(bands):
                     spread_sq[i] += float((t - mean).pow(2).sum())
                 del mean
@@ -128,8 +134,9 @@ def merge(
 
     report.carried = diloco.outer_step_bands(averaged(), published_local=published_local)
     dist = [v**0.5 for v in spread_sq]
-    report.replica_distance = sum(dist) / len(dist) if len(contribs) > 1 else 0.0
-    median = sorted(dist)[(len(dist) - 1) // 2] if dist else 0.0
+    kept = [d for d, o in zip(dist, outlier, strict=True) if not o]
+    report.replica_distance = sum(kept) / len(kept) if len(kept) > 1 else 0.0
+    median = sorted(kept)[(len(kept) - 1) // 2] if kept else 0.0
     report.agreeing = [
         i
         for i, (d, sc, w) in enumerate(zip(dist, scales, weights, strict=True))
