@@ -558,3 +558,43 @@ def test_a_step_round_collects_for_the_slowest_cohort_peer_s_step_not_only_ours(
         assert fast.ex.window() == pytest.approx(STEP_SLACK * 8.0, abs=1.5)
 
     run(running([fast, slow], body()), clock)
+
+
+def test_a_cohort_peer_that_never_publishes_stops_holding_rounds_to_their_deadline() -> None:
+    # Connected and announcing our cohort, it is waited for; after NO_SHOW_ROUNDS rounds without a
+    # manifest from it, rounds end when the others are in. Its next manifest puts it back.
+    from swarmnode.exchange.diloco import NO_SHOW_ROUNDS
+
+    clock = FakeClock()
+    bus = Bus()
+    a, b = make(bus, "peerA", clock), make(bus, "peerB", clock, drift=0.2)
+    silent = make(bus, "peerC", clock)  # its presence runs, its exchange never publishes
+    waits: list[float] = []
+
+    async def body() -> None:
+        for r in range(1, NO_SHOW_ROUNDS + 3):
+            t0 = clock()
+            await asyncio.gather(*(train(p, 3 * r) for p in (a, b)))
+            await asyncio.gather(*(p.ex.drain() for p in (a, b)))
+            waits.append(clock() - t0)
+        assert a.ex.statistics()["diloco_not_waited_for"] == 1
+        manifest = RoundManifest(
+            round=a.ex.round + 1,
+            author="peerC",
+            cohort=COHORT_A,
+            weight=1.0,
+            content_hash="ab" * 32,
+            size=10,
+            codec="int8",
+            anchor_hash="",
+        )
+        await silent.host.publish(a.ex.topic, codec.encode(manifest))
+        await asyncio.sleep(0)
+        assert a.ex.statistics()["diloco_not_waited_for"] == 0
+
+    parts = [a.members, a.ex, b.members, b.ex, silent.members]
+    run(with_started(parts, body(), settle_first=True), clock)
+    assert all(w >= 9.0 for w in waits[:NO_SHOW_ROUNDS])  # held to the 10 s deadline
+    assert all(w < 1.0 for w in waits[NO_SHOW_ROUNDS:])
+    assert a.ex.incomplete_rounds == NO_SHOW_ROUNDS  # the operator saw those rounds incomplete
+    assert a.ex.anchor_hash == b.ex.anchor_hash

@@ -89,6 +89,8 @@ STEP_SLACK = 2.5
 # ... and of the cohort peers' (a joiner that just loaded state has no step time of its own), but
 # never more than MAX_WINDOW_S (or collect_seconds, if larger): presences cannot stretch it unbounded.
 MAX_WINDOW_S = 3600.0
+# A cohort peer that published no manifest in this many rounds in a row is not waited for any more.
+NO_SHOW_ROUNDS = 3
 
 
 @dataclass(slots=True)
@@ -188,6 +190,10 @@ class DiLoCoExchange(BaseExchange):
         self._probe_after = float("-inf")
         self._live_after = float("-inf")
         self.clipped = 0
+        # cohort peers that published no manifest for the last rounds they were waited for -> count;
+        # from NO_SHOW_ROUNDS on rounds stop waiting for them (a connected peer announcing our cohort
+        # and never publishing held every round to its deadline) until their next manifest
+        self._no_shows: OrderedDict[str, int] = OrderedDict()
         self.outliers = 0  # contributions left out of merges: a norm over 4x the median
         self.skipped_observed = 0  # observed rounds not merged (a contribution missing)
         self._catch_up_past = 0  # catch up to a state newer than this round (a skipped observed round)
@@ -227,10 +233,17 @@ class DiLoCoExchange(BaseExchange):
         if rnd > self.max_plausible_round():
             raise ValueError(f"round manifest for round {rnd}, which cannot have ended yet")
         self.members.note_member(origin)
+        self._no_shows.pop(origin, None)  # it publishes: rounds wait for it again
         if rnd <= self.round:  # too late: that round is merged already
             return
         pending = self._pending.round if self._pending is not None else None
         admit(self._inboxes, origin, rnd, record, keep=pending)
+
+    def _expected(self) -> list[str]:
+        """The cohort peers a round waits for: ``Membership.cohort_peers`` less those that published
+        nothing for the last ``NO_SHOW_ROUNDS`` rounds they were waited for (a manifest from them,
+        in time or late, puts them back; a manifest that arrives is pulled either way)."""
+        return [p for p in self.members.cohort_peers() if self._no_shows.get(p, 0) < NO_SHOW_ROUNDS]
 
     def max_plausible_round(self) -> int:
         """The newest round any honest peer can be in: by the wall clock (one round of skew), or, for
@@ -431,7 +444,7 @@ class DiLoCoExchange(BaseExchange):
             deadline = functools.partial(float, deadline)
         return await collect_round(
             inbox,
-            expected=self.members.cohort_peers,
+            expected=self._expected,
             fetch=lambda m: self._fetch_one(m, deadline),
             deadline=deadline,
             clock=self.clock,
@@ -483,7 +496,13 @@ class DiLoCoExchange(BaseExchange):
         if not contributions:  # observed a round nobody's contribution reached us for
             return
         observers = getattr(self.members, "observed", lambda p, r: False)
-        expected = {p for p in self.members.cohort_peers() if not observers(p, pending.round)}
+        expected = {p for p in self._expected() if not observers(p, pending.round)}
+        box = self._inboxes.get(pending.round)
+        published = set(box.manifests) if box is not None else set()
+        for p in expected - published - {self.me}:
+            self._no_shows[p] = self._no_shows.pop(p, 0) + 1
+            while len(self._no_shows) > REFUSED_MEMORY:
+                self._no_shows.popitem(last=False)
         expected |= {self.me} | set(contributions)
         missed = sorted(expected - set(contributions) - {self.me})
         if pending.own is None and missed:
@@ -933,6 +952,7 @@ class DiLoCoExchange(BaseExchange):
             "diloco_merged_own": self.merged_own,
             "diloco_clipped": self.clipped,
             "diloco_outliers": self.outliers,
+            "diloco_not_waited_for": sum(1 for v in self._no_shows.values() if v >= NO_SHOW_ROUNDS),
             "diloco_skipped_observed": self.skipped_observed,
             "diloco_delta_bytes": self.delta_bytes,
             "diloco_blob_cap": self.max_blob_bytes,
