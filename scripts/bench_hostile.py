@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -177,21 +178,34 @@ async def _trio_publish_as(host: Any, kp: Any, topic: str, data: bytes) -> None:
     await state.pubsub.push_msg(state.pubsub.my_id, msg)
 
 
-def _presence(peer: str, cohort: str, rnd: int, step: int, anchor: str = EVIL_ANCHOR) -> bytes:
-    from swarmnode.protocol import Presence, codec
+def _presence(
+    peer: str,
+    cohort: str,
+    rnd: int,
+    step: int,
+    anchor: str = EVIL_ANCHOR,
+    *,
+    addrs: Sequence[str] = (),
+    swarm: str = SWARM,
+    samples: int = 8,
+    step_s: float = 0.0,
+) -> bytes:
+    """A presence with the fields ``Membership.record()`` fills, claiming what the attacker wants."""
+    from swarmnode.protocol import Presence, codec, limits
 
     return codec.encode(
         Presence(
             peer_id=peer,
-            addrs=[],
-            swarm=SWARM,
+            addrs=list(addrs)[: limits.MAX_ADDRS],
+            swarm=swarm,
             cohort=cohort,
             engine="hf",
             hardware="cpu",
             step=step,
             round=rnd,
-            samples=8,
+            samples=samples,
             anchor_hash=anchor,
+            step_s=step_s,
         )
     )
 

@@ -48,6 +48,7 @@ if str(SCRIPTS) not in sys.path:
     sys.path.insert(0, str(SCRIPTS))
 
 from bench_hostile import INNER_STEPS, SWARM, Attacker, Victim  # noqa: E402
+from bench_hostile import _presence as bench_presence  # noqa: E402
 
 # value -> poisoned value, per parameter tensor: finite, right shape and dtype, useless weights
 POISONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -83,24 +84,9 @@ def poisoned_diloco(model_dir: str | Path, poison: str) -> tuple[Any, str]:
 def _presence(
     peer: str, *, swarm: str, cohort: str, rnd: int, step: int, anchor: str, addrs: Sequence[str]
 ) -> bytes:
-    """The fields ``Membership.record()`` fills, with the donor's claimed state."""
-    from swarmnode.protocol import Presence, codec, limits
-
-    return codec.encode(
-        Presence(
-            peer_id=peer,
-            addrs=list(addrs)[: limits.MAX_ADDRS],
-            swarm=swarm,
-            cohort=cohort,
-            engine="hf",
-            hardware="cpu",
-            step=step,
-            round=rnd,
-            samples=step * 4,  # groups trained: 4 a step, like the victims' --local-groups
-            anchor_hash=anchor,
-            status="active",
-            step_s=0.1,
-        )
+    """The donor's claimed state (4 groups a step, like the victims' --local-groups)."""
+    return bench_presence(
+        peer, cohort, rnd, step, anchor, addrs=addrs, swarm=swarm, samples=step * 4, step_s=0.1
     )
 
 
