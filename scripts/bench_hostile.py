@@ -780,6 +780,8 @@ def main() -> int:
     out = args.out or Path(tempfile.mkdtemp(prefix="bench-hostile-"))
     out.mkdir(parents=True, exist_ok=True)
     if args.byzantine:
+        # the Byzantine host stands for another machine too (honest nodes run at normal priority)
+        os.nice(args.attacker_nice)
         with_attacker = byzantine_run(args, out / "with-byzantine", attack=True)
         all_honest = byzantine_run(args, out / "all-honest", attack=False)
         ratio = with_attacker["cumulative_reward_mean"] / max(1e-9, all_honest["cumulative_reward_mean"])
@@ -790,6 +792,7 @@ def main() -> int:
                     "byzantine_hosts": 1,
                     "byzantine_share_of_hosts": round(1 / (args.honest + 1), 3),
                     "all_honest_nodes": args.all_honest or args.honest,
+                    "attacker_nice": args.attacker_nice,
                     "sybil_identities": 16,
                     "steps": args.steps,
                     "honest_reward_ratio": round(ratio, 3),
