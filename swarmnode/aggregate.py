@@ -108,11 +108,20 @@ def norm_outliers(norms: Sequence[float], over: float = NORM_OUTLIER_OVER_MEDIAN
     """Per contribution, whether its norm is over ``over`` x the median (the lower middle) of the
     finite norms; only with 3 or more of them (with two, neither can be told to be the outlier, and
     clipping to the smaller norm is the conservative choice). Non-finite norms are outliers."""
-    finite = sorted(float(n) for n in norms if math.isfinite(n) and n >= 0)
-    if len(finite) < 3:
-        return [not (math.isfinite(n) and n >= 0) for n in norms]
-    median = finite[(len(finite) - 1) // 2]
-    return [not (math.isfinite(n) and n >= 0) or float(n) > over * median for n in norms]
+    count, median = _finite_median(norms)
+    if count < 3:
+        return [not _finite_norm(n) for n in norms]
+    return [not _finite_norm(n) or float(n) > over * median for n in norms]
+
+
+def _finite_norm(n: float) -> bool:
+    return math.isfinite(n) and n >= 0
+
+
+def _finite_median(norms: Sequence[float]) -> tuple[int, float]:
+    """(how many norms are finite and >= 0, their median: the lower middle for an even count)."""
+    finite = sorted(float(n) for n in norms if _finite_norm(n))
+    return len(finite), (finite[(len(finite) - 1) // 2] if finite else 0.0)
 
 
 def clip_scales(norms: Sequence[float]) -> list[float]:
@@ -120,13 +129,12 @@ def clip_scales(norms: Sequence[float]) -> list[float]:
     it). The median is over the finite norms, the lower middle for an even count: with two peers the
     smaller norm wins, the conservative choice when one of two may be hostile. A non-finite norm
     gets 0.0 (the contribution is left out)."""
-    finite = sorted(float(n) for n in norms if math.isfinite(n) and n >= 0)
-    if not finite:
+    count, clip = _finite_median(norms)
+    if not count:
         return [0.0] * len(norms)
-    clip = finite[(len(finite) - 1) // 2]
     out = []
     for n in norms:
-        if not (math.isfinite(n) and n >= 0):
+        if not _finite_norm(n):
             out.append(0.0)
         elif n > clip > 0:
             out.append(clip / n)

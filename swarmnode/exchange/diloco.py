@@ -48,7 +48,7 @@ from swarmnode.exchange.catchup import (
 )
 from swarmnode.exchange.collect import Inbox, admit, collect_round
 from swarmnode.exchange.merge import Contribution, check_delta, mapped_blob, merge
-from swarmnode.membership import Membership
+from swarmnode.membership import Membership, step_ema
 from swarmnode.protocol import RoundManifest, codec, topics
 from swarmnode.rounds import RoundClock, RoundsConfig
 from swarmnode.trust import Choice, Offer, accept_probe, check_claim, choose_donor
@@ -286,7 +286,7 @@ class DiLoCoExchange(BaseExchange):
         now = self.clock()
         if self._last_step_at is not None:
             dt = now - self._last_step_at
-            self._step_s = dt if self._step_s == 0 else 0.7 * self._step_s + 0.3 * dt
+            self._step_s = step_ema(self._step_s, dt)
         self._last_step_at = now
         self.step = step
         self.samples_since_publish += samples

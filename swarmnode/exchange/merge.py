@@ -113,7 +113,7 @@ def merge(
     outlier = norm_outliers([c.norm for c in contribs])
     report.outliers = sum(outlier)
     scales = clip_scales([math.nan if o else c.norm for c, o in zip(contribs, outlier, strict=True)])
-    report.clipped = sum(1 for s, o in zip(scales, outlier, strict=True) if 0.0 < s < 1.0 and not o)
+    report.clipped = sum(1 for s in scales if 0.0 < s < 1.0)  # outliers have scale 0
     shapes = diloco.shapes()
     streams = [iter_decode_bands(c.blob, max_bytes, shapes=shapes, band=band) for c in contribs]
     spread_sq = [0.0] * len(contribs)
