@@ -158,6 +158,10 @@ class Node:
             row["blob_bytes_served"] = int(host.get("blobs", {}).get("served_bytes", 0))
             # "public <multiaddr>", "behind NAT[, reachable through relay X]" or "unknown"
             row["reachability"] = str(host.get("reachability", "unknown"))
+            # our publishes that did not wait for a peer whose outbound queue stopped draining, and
+            # the gossip RPCs the library dropped for full queues: a slow or hostile peer shows here
+            row["gossip/stalled_skips"] = int(host.get("pacing_stalled_skips", 0))
+            row["gossip/outbound_dropped"] = int(sum(host.get("outbound_dropped", {}).values()))
         for ex in self.exchanges:
             row.update(ex.statistics())
         sent = sum(v for k, v in row.items() if k.endswith("/bytes_sent"))

@@ -22,6 +22,7 @@ from swarmnode.p2p import BridgeClosed, HostConfig, TransportError, open_host
 from swarmnode.p2p.bridge import TrioBridge, open_trio_bridge
 from swarmnode.p2p.gossip import (
     PACING_HIGH_WATER,
+    PACING_STALL_S,
     DigestEquivocation,
     GossipStats,
     make_topic_validator,
@@ -195,6 +196,40 @@ def test_pacing_waits_until_queues_drain() -> None:
     assert waited >= 0.04
     assert stats.paced_waits == 1
     assert stats.pacing_timeouts == 0
+
+
+def test_pacing_does_not_wait_for_a_peer_that_stopped_reading() -> None:
+    # A peer whose queue stays full (starved, or hostile and not reading) must not hold every publish
+    # back PACING_MAX_WAIT_S: after PACING_STALL_S without progress it is not waited for, while a
+    # peer that drains still is.
+    pubsub, stats = _FakePubsub(), GossipStats()
+
+    async def main() -> list[float]:
+        pubsub.peer_queues["b"].extend(range(PACING_HIGH_WATER + 5))  # never drains
+        waits = []
+        for _ in range(3):
+            start = trio.current_time()
+            await wait_queues_low(pubsub, stats)  # type: ignore[arg-type]
+            waits.append(trio.current_time() - start)
+        pubsub.peer_queues["a"].extend(range(PACING_HIGH_WATER + 5))  # a new backlog that drains
+
+        async def drain() -> None:
+            await trio.sleep(0.05)
+            pubsub.peer_queues["a"].clear()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(drain)
+            start = trio.current_time()
+            await wait_queues_low(pubsub, stats)  # type: ignore[arg-type]
+            waits.append(trio.current_time() - start)
+        return waits
+
+    waits = trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert PACING_STALL_S <= waits[0] < PACING_STALL_S + 0.1  # waited for it once, then gave up on it
+    assert waits[1] == waits[2] == 0.0  # later publishes do not wait for the stalled peer
+    assert 0.04 <= waits[3] < PACING_STALL_S  # a draining peer is still waited for
+    assert stats.pacing_timeouts == 0
+    assert stats.stalled_skips >= 2
 
 
 def test_blob_store_accounting() -> None:

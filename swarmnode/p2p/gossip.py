@@ -25,6 +25,11 @@ log = logging.getLogger(__name__)
 PACING_HIGH_WATER = 8
 # A peer whose queue never drains (stuck connection) must not block publishing forever.
 PACING_MAX_WAIT_S = 5.0
+# ... nor delay every publish: a peer whose queue above the mark has not shrunk for this long is
+# stalled (a starved or hostile peer that stops reading) and is not waited for until it drains again;
+# the library drops what does not fit its queue (counted in ``outbound_dropped``). Without this, one
+# such peer held each of our round manifests back ~5 s and honest peers missed them.
+PACING_STALL_S = 1.0
 # Forwarded messages are not paced (only our own publishes are), and the library's 32-packet per-peer queue
 # dropped ~1200 RPCs during a 1000-message burst across 8 nodes. A larger queue absorbs relay bursts; memory
 # stays bounded at OUTBOUND_QUEUE × max_message_bytes per peer.
@@ -65,6 +70,9 @@ class GossipStats:
     equivocations: int = 0
     paced_waits: int = 0
     pacing_timeouts: int = 0
+    stalled_skips: int = 0  # publishes that did not wait for a stalled peer's queue
+    # peer -> (queue length, when it last shrank or was at/below the mark), for the stall rule
+    queue_progress: dict[Any, tuple[int, float]] = field(default_factory=dict)
     outbound_dropped: dict[str, int] = field(default_factory=dict)  # reason -> RPCs the library dropped
 
     def topic(self, name: str) -> TopicStats:
@@ -192,15 +200,45 @@ def max_peer_queue(pubsub: Pubsub) -> int:
     return max((len(q) for q in pubsub.peer_queues.values()), default=0)
 
 
+def _queues_to_wait_for(pubsub: Pubsub, stats: GossipStats, now: float) -> tuple[int, int]:
+    """(peers whose queue is above the mark and drains, peers above it that stalled), updating each
+    peer's progress: a queue counts as draining while it shrank (or was at/below the mark) within
+    ``PACING_STALL_S``."""
+    progress = stats.queue_progress
+    waiting = stalled = 0
+    current: dict[Any, tuple[int, float]] = {}
+    for peer, queue in list(pubsub.peer_queues.items()):
+        n = len(queue)
+        last = progress.get(peer)
+        if last is None or n <= PACING_HIGH_WATER or n < last[0]:
+            current[peer] = (n, now)
+        else:
+            current[peer] = (n, last[1])
+        if n > PACING_HIGH_WATER:
+            if now - current[peer][1] > PACING_STALL_S:
+                stalled += 1
+            else:
+                waiting += 1
+    stats.queue_progress = current  # peers that left are forgotten
+    return waiting, stalled
+
+
 async def wait_queues_low(pubsub: Pubsub, stats: GossipStats) -> None:
-    """Back-pressure: wait while any per-peer outbound queue is above the high-water mark."""
-    if max_peer_queue(pubsub) <= PACING_HIGH_WATER:
+    """Back-pressure: wait while any draining per-peer outbound queue is above the high-water mark
+    (a stalled one is not waited for: ``PACING_STALL_S``)."""
+    waiting, stalled = _queues_to_wait_for(pubsub, stats, trio.current_time())
+    if not waiting:
+        if stalled:
+            stats.stalled_skips += 1
         return
     stats.paced_waits += 1
     with trio.move_on_after(PACING_MAX_WAIT_S):
         # The library signals nothing when a queue drains, so poll (2 ms is far below a send's latency).
-        while max_peer_queue(pubsub) > PACING_HIGH_WATER:  # noqa: ASYNC110
+        while waiting:
             await trio.sleep(0.002)
+            waiting, stalled = _queues_to_wait_for(pubsub, stats, trio.current_time())
+        if stalled:
+            stats.stalled_skips += 1
         return
     stats.pacing_timeouts += 1
     log.warning(

@@ -426,6 +426,8 @@ class Host:
             "equivocations": self._trio.equivocation.detected if self._trio else 0,
             "paced_waits": self._gossip.paced_waits,
             "pacing_timeouts": self._gossip.pacing_timeouts,
+            # publishes that did not wait for a peer whose queue stopped draining (a slow or hostile peer)
+            "pacing_stalled_skips": self._gossip.stalled_skips,
             "outbound_dropped": dict(self._gossip.outbound_dropped),
             "blobs": self._blob_stats.as_dict(),
             "requests": dict(self._requests),
