@@ -90,6 +90,10 @@ def main() -> int:
     ap.add_argument("--family", default=FAMILY)
     ap.add_argument("--out", type=Path, default=Path("runs/bench-hetero"))
     ap.add_argument("--arms", default="isolated,merge,share", help="arms to run (the rest are read back)")
+    ap.add_argument("--outer-lr", type=float, default=None, help="DiLoCo outer lr (default: the node's)")
+    ap.add_argument(
+        "--outer-momentum", type=float, default=None, help="DiLoCo outer momentum (default: the node's)"
+    )
     args = ap.parse_args()
 
     mix = parse_mix(args.cohorts)
@@ -101,6 +105,8 @@ def main() -> int:
         *("--family", args.family, "--lr", str(args.lr), "--local-groups", str(args.local_groups)),
         *("--eval-every", str(max(1, args.steps // 3)), "--eval-prompts", "200"),
         *("--collect-seconds", str(args.collect_seconds)),
+        *(("--outer-lr", str(args.outer_lr)) if args.outer_lr is not None else ()),
+        *(("--outer-momentum", str(args.outer_momentum)) if args.outer_momentum is not None else ()),
     ]
     alone = ["--external-groups", "0", "--no-share-rollouts"]
 
@@ -135,6 +141,7 @@ def main() -> int:
         "round": f"{args.merge_every} steps" if args.merge_every else f"{args.round_seconds} s",
         "groups": f"{args.local_groups} local, +{args.external_groups} borrowed in the share arm",
         "lr": args.lr,
+        "outer": {"lr": args.outer_lr, "momentum": args.outer_momentum},  # None: the node's defaults
     }
     for c in cohorts:
         iso, mer, sha = (arms[a][c] for a in ("isolated", "merge", "share"))

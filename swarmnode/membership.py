@@ -234,6 +234,24 @@ class Membership:
             default=0.0,
         )
 
+    def seconds_to_step(self, peer: str, step: int, slack: float = 1.0) -> float | None:
+        """How long until live ``peer`` reaches ``step``, from its last presence: ``slack`` x its
+        steps to go x its step time, less how long ago we heard it (so the answer stays put between
+        presences); zero or less once it is there (minus how long ago we heard it get there: its
+        round manifest may still be in flight). None when we cannot tell (not heard, not live, no
+        step time yet). A step round waits this long for a peer a few steps behind."""
+        entry = self.peers.get(peer)
+        now = self.clock()
+        if entry is None or not self._live(entry.last, now):
+            return None
+        behind = int(step) - int(getattr(entry.presence, "step", 0))
+        if behind <= 0:
+            return -(now - (entry.step_at if entry.step_at >= 0 else entry.first))
+        step_s = max(entry.step_s, _bounded_step_s(getattr(entry.presence, "step_s", 0.0)))
+        if step_s <= 0:
+            return None
+        return max(0.0, slack * behind * step_s - (now - entry.last))
+
     def presence_of(self, peer: str) -> Any:
         entry = self.peers.get(peer)
         return None if entry is None else entry.presence

@@ -560,6 +560,38 @@ def test_a_step_round_collects_for_the_slowest_cohort_peer_s_step_not_only_ours(
     run(running([fast, slow], body()), clock)
 
 
+def test_a_step_round_waits_for_a_slower_peer_still_training_toward_its_end() -> None:
+    # Two peers of different speeds drift apart by steps every round. The faster one publishes while
+    # the slower one (8 s a step) is 3 steps short: 24 s, past the 20 s window (2.5 step times).
+    # Its presences show it training toward the round's end, so the round waits for it.
+    clock = FakeClock()
+    bus = Bus()
+    fast = make(bus, "peerA", clock, merge_every=10)
+    slow = make(bus, "peerB", clock, merge_every=10)
+    waited: list[float] = []
+
+    async def body() -> None:
+        for step in range(1, 8):  # the slow peer reaches step 7 at 8 s a step
+            await settle(8.0)
+            slow.step = step
+            await slow.members.publish()
+            await asyncio.sleep(0)
+        assert fast.ex.window() == pytest.approx(20.0, abs=1.5)
+        await train(fast, 10)  # publishes round 1 at once
+        t0 = clock()
+        for target in (8, 9, 10):  # 24 s more; its step 10 publishes round 1
+            await settle(8.0)
+            await train(slow, target)
+        await asyncio.gather(fast.ex.drain(), slow.ex.drain())
+        waited.append(clock() - t0)
+
+    run(running([fast, slow], body()), clock)
+    assert waited[0] >= 24.0
+    for p in (fast, slow):
+        assert (p.ex.round, p.ex.merge_contributors, p.ex.incomplete_rounds) == (1, 2, 0)
+    assert fast.ex.anchor_hash == slow.ex.anchor_hash
+
+
 def test_a_cohort_peer_that_never_publishes_stops_holding_rounds_to_their_deadline() -> None:
     # Connected and announcing our cohort, it is waited for; after NO_SHOW_ROUNDS rounds without a
     # manifest from it, rounds end when the others are in. Its next manifest puts it back.

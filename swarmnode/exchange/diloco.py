@@ -303,7 +303,7 @@ class DiLoCoExchange(BaseExchange):
         await self.drain()  # round r+1 ended before round r's collection did (bounded wait)
         rnd, deadline = due
         # Step rounds: the window opens when we publish; that wait must not use up round r+1's.
-        await self._publish(rnd, deadline if self.clock_rounds is not None else self._window_from_now())
+        await self._publish(rnd, deadline if self.clock_rounds is not None else self._window_from_now(rnd))
 
     async def finish(self, stopped: bool) -> None:
         """Budget spent: merge the round in flight so every replica ends on the same anchor, then
@@ -387,11 +387,46 @@ class DiLoCoExchange(BaseExchange):
 
     # -- publish and collect ----------------------------------------------------------------------
 
-    def _window_from_now(self) -> Callable[[], float]:
+    def _window_from_now(self, rnd: int | None = None) -> Callable[[], float]:
         """A step round's deadline: ``window()`` from now, re-read while the round collects (the
-        cohort's step times are measured from presences, which a fresh joiner is still hearing)."""
+        cohort's step times are measured from presences, which a fresh joiner is still hearing).
+        For round ``rnd`` it also outlasts an expected peer that has not published yet but whose
+        presence shows it training toward the round's last step, at most one round of its steps
+        behind (``Membership.seconds_to_step`` x ``STEP_SLACK``, then a window from when it got
+        there: its manifest may still be in flight): two peers of slightly different
+        speeds drift apart by steps every round, and a fixed window left the slower one out of the
+        faster one's merges (anchors apart, a heal every few rounds). Never past ``MAX_WINDOW_S``."""
         t0 = self.clock()
-        return lambda: t0 + self.window()
+        if rnd is None or self.clock_rounds is not None:
+            return lambda: t0 + self.window()
+        H = self.config.merge_every
+        target = rnd * H
+        granted = [t0]  # an extension once granted stands: the late peer's pull needs it too
+
+        def deadline() -> float:
+            base = max(granted[0], t0 + self.window())
+            box = self._inboxes.get(rnd)
+            published = box.manifests if box is not None else {}
+            wait = 0.0
+            ahead = getattr(self.members, "seconds_to_step", None)
+            presence_of = getattr(self.members, "presence_of", None)
+            if ahead is None or presence_of is None:
+                return base
+            for p in self._expected():
+                if p in published:
+                    continue
+                step = int(getattr(presence_of(p), "step", -1))
+                if not target - H < step <= target:  # not training toward (or just at) this round's end
+                    continue
+                left = ahead(p, target, STEP_SLACK)
+                if left is not None:
+                    wait = max(wait, left + self.window())
+            granted[0] = max(
+                base, min(self.clock() + wait, t0 + max(self.config.collect_seconds, MAX_WINDOW_S))
+            )
+            return granted[0]
+
+        return deadline
 
     async def _publish(self, rnd: int, deadline: float | Callable[[], float]) -> None:
         blob_dir = self.blob_dir
@@ -887,7 +922,7 @@ class DiLoCoExchange(BaseExchange):
             # round r+1 from it: merge that round with them (our Δ would be empty) so we land on the
             # anchor they land on, then take part from the round after.
             nxt = self.round + 1
-            task = self._tg.create_task(self._collect(nxt, self._window_from_now()))
+            task = self._tg.create_task(self._collect(nxt, self._window_from_now(nxt)))
             self._pending = _Pending(nxt, task)
         log.info(
             "%s from %s: round %d step %d (%s, support %d)",
