@@ -24,12 +24,26 @@ routers held a direct connection (`direct_cross_router_pairs` of `cross_router_p
 `merges_with_all_contributors` (rounds in which every live node
 pulled every other NATed node's blob intact).
 
-Not covered (null in the output): training, gossip of rollouts and DeMo components, real merges and
-anchors (`anchors_equal`), a joiner's state catch-up through the exchange code; the churn cycle of the
-issue. Those need the full node (swarmnode.node) in the namespaces; this bench measures the transport
-the exchanges ride on.
+Not covered by this mode (null in the output): training, gossip of rollouts and DeMo components, real
+merges and anchors (`anchors_equal`), a joiner's state catch-up through the exchange code. This mode
+measures the transport the exchanges ride on.
+
+`--train`: the same topology with the full node. pub0 (the bootstrap) and the three NATed nodes run
+`swarmnode run` (tiny model, DeMo inner optimizer gossiping its components, rollouts shared, DiLoCo in
+wall-clock rounds); pub1 is a public node that only relays (tests/netns_node.py). After `--kill-at`
+seconds the relay that h1a reserved on is SIGKILLed; after `--join-at` seconds a late NATed joiner
+(h2b, behind r2) starts with only the public nodes as bootstrap and catches up through the exchange
+code. Everything is read from the nodes' own metrics and logs: per round, which nodes merged it, with
+how many contributors and onto which anchor (`merges_with_all_contributors`: rounds every live node
+merged with every live node's contribution; `anchors_equal`: those rounds ended on one anchor);
+`pull_success_ratio` (Δ pulls that succeeded, from the merges and the exchange's failed-pull count);
+`bytes_relayed` (what the relays forwarded), `bytes_direct` (the rest of what the nodes received, an
+estimate); `hole_punch_ok` (a NATed node held a direct connection to a node behind another router);
+`recover_s` (kill to the first round after it that every live NATed node merged with every live
+contributor); `joiner_caught_up` and whether its donor was NATed.
 
     sudo python scripts/bench_nat.py --rounds 6 --blob-kib 1024
+    sudo python scripts/bench_nat.py --train --seconds 300
 """
 
 from __future__ import annotations
@@ -39,6 +53,7 @@ import json
 import sys
 import tempfile
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -249,6 +264,310 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         bed.close()
 
 
+# -- training level -----------------------------------------------------------------------------------------
+
+TRAIN_SWARM = "bench-nat"
+LISTENING = "swarmnode listening on "
+# Small and fast on a shared 2-core machine: the tiny model, DeMo inner steps (components gossiped every
+# step), rollouts shared, DiLoCo merges in wall-clock rounds.
+TRAIN_ARGS = [
+    *("--family", "reverse-exact", "--local-groups", "4", "--external-groups", "2"),
+    *("--optimizer", "demo", "--lr", "5e-4", "--outer-lr", "1.0", "--outer-momentum", "0"),
+    *("--eval-every", "100000", "--checkpoint-every", "0"),
+]
+
+
+class Daemon:
+    """`swarmnode run` inside a namespace; its metrics and log are read from its data dir."""
+
+    def __init__(
+        self, where: Any, data_dir: Path, model: str, bootstrap: list[str], seconds: float, args: Any
+    ) -> None:
+        import subprocess
+
+        self.name = data_dir.name
+        self.dir = data_dir
+        self.dir.mkdir(parents=True, exist_ok=True)
+        cmd = ["ip", "netns", "exec", where.ns, sys.executable, "-m", "swarmnode.cli", "run"]
+        cmd += ["--data-dir", str(self.dir), "--model", model, "--swarm", TRAIN_SWARM]
+        cmd += [
+            "--listen",
+            f"/ip4/{where.ip}/tcp/{PORT}",
+            "--seed",
+            str(zlib.crc32(self.name.encode()) % 1000),
+        ]
+        cmd += [
+            "--diloco",
+            "--round-seconds",
+            str(args.round_seconds),
+            "--collect-seconds",
+            str(args.collect_seconds),
+        ]
+        cmd += ["--duration", str(seconds), "--expect-peers", "0", *TRAIN_ARGS]
+        for b in bootstrap:
+            cmd += ["--bootstrap", b]
+        env = {**__import__("os").environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+        self.log = (self.dir / "node.log").open("w", encoding="utf-8")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, text=True, env=env)
+        self.started = time.time()
+        self.killed_at: float | None = None
+        self.addr = ""
+        self.peer_id = ""
+
+    def wait_listening(self, timeout: float = 120.0) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in (self.dir / "node.log").read_text(errors="replace").splitlines():
+                if line.startswith(LISTENING):
+                    self.addr = line[len(LISTENING) :].strip()
+                    self.peer_id = self.addr.rsplit("/p2p/", 1)[1]
+                    return self.addr
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.2)
+        raise RuntimeError(f"{self.name} did not start:\n{(self.dir / 'node.log').read_text()[-2000:]}")
+
+    def rows(self) -> list[dict[str, Any]]:
+        path = self.dir / "metrics.jsonl"
+        out = []
+        if path.exists():
+            for line in path.read_text(errors="replace").splitlines():
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    continue
+                if "step" in row:
+                    out.append(row)
+        return out
+
+    def last(self) -> dict[str, Any]:
+        rows = self.rows()
+        return rows[-1] if rows else {}
+
+    def kill(self) -> None:
+        self.killed_at = time.time()
+        self.proc.kill()
+        self.proc.wait()
+
+    def stop(self, timeout: float) -> int:
+        import subprocess
+
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        return int(self.proc.returncode)
+
+
+def _merges(d: Daemon) -> dict[int, dict[str, Any]]:
+    """{round: the metrics row right after this node merged it} (merges counted up in that row)."""
+    out: dict[int, dict[str, Any]] = {}
+    before = 0
+    for row in d.rows():
+        m = int(row.get("merges") or 0)
+        if m > before:
+            out[int(row["round"])] = row
+        before = m
+    return out
+
+
+def _relay_named(reachability: str) -> str:
+    return reachability.split("relay", 1)[1].strip().split()[0].strip(",") if "relay" in reachability else ""
+
+
+def run_training(args: argparse.Namespace) -> dict[str, Any]:
+    from swarmnode.tinymodel import build_tiny_policy
+
+    root = Path(tempfile.mkdtemp(prefix="bench_nat_train_"))
+    bed = NetnsBed()
+    daemons: dict[str, Daemon] = {}
+    out: dict[str, Any] = {}
+    try:
+        model = str(build_tiny_policy(root / "tiny-model", family="reverse-exact"))
+        hosts = {"pub0": bed.add_public("pub0"), "pub1": bed.add_public("pub1")}
+        r1, r2 = bed.add_router("r1"), bed.add_router("r2")
+        hosts.update(
+            {"h1a": bed.add_home(r1, "h1a"), "h1b": bed.add_home(r1, "h1b"), "h2a": bed.add_home(r2, "h2a")}
+        )
+        if args.shape:
+            for router in (r1, r2):
+                bed.shape(router, rate=args.shape)
+        t0 = time.time()
+        daemons["pub0"] = Daemon(hosts["pub0"], root / "pub0", model, [], args.seconds, args)
+        boot = [daemons["pub0"].wait_listening()]
+        relay1 = bed.start_node(hosts["pub1"], root / "pub1", port=PORT, bootstrap=boot)
+        boot.append(relay1.addr)
+        for name in NATTED:
+            daemons[name] = Daemon(
+                hosts[name], root / name, model, boot, args.seconds - (time.time() - t0), args
+            )
+        for d in daemons.values():
+            d.wait_listening()
+        ids = {name: d.peer_id for name, d in daemons.items()} | {"pub1": relay1.peer_id}
+        names = {v: k for k, v in ids.items()}
+        natted_ready = wait_until(
+            lambda: all(
+                "reachable through relay" in str(daemons[n].last().get("reachability")) for n in NATTED
+            ),
+            120,
+            1.0,
+        )
+        out["relay_ready_s"] = round(time.time() - t0, 1)
+        out["reachability"] = {n: daemons[n].last().get("reachability") for n in daemons}
+        if not natted_ready:
+            raise RuntimeError(f"NATed nodes never reported a relay: {out['reachability']}")
+        killed = joiner = None
+        killed_time: float | None = None
+        kill_at = t0 + args.kill_at if args.kill_at > 0 else float("inf")
+        join_at = t0 + args.join_at
+        end = t0 + args.seconds
+        relay_stats_pub1: dict[str, Any] = {}
+        while time.time() < end and any(d.proc.poll() is None for d in daemons.values()):
+            now = time.time()
+            if killed is None and now >= kill_at:
+                relay = _relay_named(str(daemons["h1a"].last().get("reachability", "")))
+                killed = names.get(relay, "pub1")
+                if killed == "pub1":
+                    relay_stats_pub1 = relay1.call("stats")["stats"]["relay"]
+                    relay1.kill()
+                    killed_time = time.time()
+                else:
+                    daemons[killed].kill()
+                    killed_time = daemons[killed].killed_at or time.time()
+                out["killed_relay"] = killed
+                out["killed_at_s"] = round(killed_time - t0, 1)
+            if joiner is None and now >= join_at:
+                joiner_host = bed.add_home(r2, "h2b")
+                live_boot = [daemons["pub0"].addr] if killed != "pub0" else []
+                live_boot += [relay1.addr] if killed != "pub1" else []
+                joiner = daemons["h2b"] = Daemon(joiner_host, root / "h2b", model, live_boot, end - now, args)
+                joiner.wait_listening()
+                ids["h2b"], names[joiner.peer_id] = joiner.peer_id, "h2b"
+            time.sleep(1.0)
+        if killed != "pub1":
+            relay_stats_pub1 = relay1.call("stats")["stats"]["relay"]
+        exit_codes = {n: d.stop(timeout=120) for n, d in daemons.items() if d.killed_at is None}
+        out.update(_training_report(daemons, names, relay_stats_pub1, killed_time, args))
+        out["exit_codes"] = exit_codes
+        return out
+    finally:
+        for d in daemons.values():
+            if d.proc.poll() is None:
+                d.proc.kill()
+        bed.close()
+
+
+def _training_report(
+    daemons: dict[str, Daemon],
+    names: dict[str, str],
+    relay_pub1: dict[str, Any],
+    killed_at: float | None,
+    args: Any,
+) -> dict[str, Any]:
+    merges = {n: _merges(d) for n, d in daemons.items()}
+    last = {n: d.last() for n, d in daemons.items()}
+    # a node contributes from the first round it merged with its own Δ (a joiner first observes one)
+    first_own = {
+        n: min((r for r, row in m.items() if row.get("diloco_merged_own")), default=None)
+        for n, m in merges.items()
+    }
+
+    def alive(n: str, at: float) -> bool:
+        d = daemons[n]
+        return d.started <= at and (d.killed_at is None or at < d.killed_at)
+
+    rounds = sorted({r for m in merges.values() for r in m})
+    full = equal = 0
+    per_round = []
+    for r in rounds:
+        rows = {n: m[r] for n, m in merges.items() if r in m}
+        at = min(float(row["time"]) for row in rows.values())
+        # every node alive when the round merged that had started contributing by this round
+        members = [n for n in daemons if alive(n, at) and first_own[n] is not None and first_own[n] <= r]
+        complete = set(members) <= set(rows) and all(
+            row.get("diloco_merged_own") and int(row.get("merge_contributors", 0)) >= len(members)
+            for n, row in rows.items()
+            if n in members
+        )
+        same = len({row.get("anchor_hash") for row in rows.values()}) == 1
+        full += complete
+        equal += same
+        per_round.append([r, sorted(rows), len(members), complete, same])
+    recover_s = None
+    if killed_at is not None:
+        natted = [n for n in ("h1a", "h1b", "h2a") if daemons[n].killed_at is None]
+        for r, _merged_by, _, complete, same in per_round:
+            rows = {n: merges[n][r] for n in natted if r in merges[n]}
+            if len(rows) < len(natted) or min(float(x["time"]) for x in rows.values()) < killed_at:
+                continue
+            if complete and same:
+                recover_s = round(max(float(x["time"]) for x in rows.values()) - killed_at, 1)
+                break
+    ok = failed = 0
+    received = 0
+    for n, m in merges.items():
+        ok += sum(
+            max(0, int(row.get("merge_contributors", 0)) - (1 if row.get("diloco_merged_own") else 0))
+            for row in m.values()
+        )
+        failed += int(last[n].get("diloco/dropped") or 0)
+        received += sum(
+            int(v)
+            for k, v in last[n].items()
+            if k.endswith("/bytes_received") and isinstance(v, (int, float))
+        )
+    relayed = int(last.get("pub0", {}).get("relay/bytes_relayed") or 0) + int(
+        relay_pub1.get("bytes_relayed", 0)
+    )
+    # direct paths a NATed node holds beyond the public nodes and its LAN neighbours: a hole punch
+    lan = {"h1a": 1, "h1b": 1, "h2a": 0, "h2b": 1}
+    punched = any(
+        int(row.get("p2p/direct_peers") or 0) > 2 + lan[n]
+        for n in lan
+        if n in daemons
+        for row in daemons[n].rows()
+    )
+    joiner = daemons.get("h2b")
+    donor = None
+    if joiner is not None:
+        for line in (joiner.dir / "node.log").read_text(errors="replace").splitlines():
+            if "caught up from " in line:
+                donor = names.get(line.split("caught up from ", 1)[1].split(":")[0].strip(), "?")
+                break
+    return {
+        "nodes": len(daemons) + 1,
+        "natted": sum(1 for n in daemons if n.startswith("h")),
+        "rounds": len(per_round),
+        "merges_with_all_contributors": full,
+        "anchors_equal": equal,
+        "rounds_detail": per_round,
+        "pull_success_ratio": round(ok / max(1, ok + failed), 4),
+        "pulls": ok + failed,
+        "bytes_relayed": relayed,
+        "bytes_received": received,
+        "bytes_direct": max(0, received - relayed),
+        "hole_punch_ok": punched,
+        "recover_s": recover_s,
+        "joiner_caught_up": bool(joiner is not None and int(last["h2b"].get("catchups") or 0) >= 1),
+        "joiner_donor": donor,
+        "joiner_donor_natted": donor is not None and donor.startswith("h"),
+        "steps": {n: last[n].get("step") for n in daemons},
+        "demo_peers_used": {n: last[n].get("demo_peers_used") for n in daemons},
+        "borrowed_groups": {
+            n: int(last[n].get("borrowed_same_cohort") or 0) + int(last[n].get("borrowed_other_cohort") or 0)
+            for n in daemons
+        },
+        "diloco_health": {n: last[n].get("diloco_health") for n in daemons},
+        "shape": args.shape or None,
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -275,12 +594,20 @@ def main() -> int:
         help="NATed nodes listen on distinct ports (default: all on 4001)",
     )
     parser.add_argument("--shape", default="", help="tc tbf rate on each router's uplink, e.g. 50mbit")
+    parser.add_argument("--train", action="store_true", help="the full node in the namespaces (see above)")
+    parser.add_argument("--seconds", type=float, default=300.0, help="--train: how long the nodes train")
+    parser.add_argument(
+        "--kill-at", type=float, default=150.0, help="--train: kill h1a's relay then (0: never)"
+    )
+    parser.add_argument("--join-at", type=float, default=200.0, help="--train: start the late NATed joiner")
+    parser.add_argument("--round-seconds", type=float, default=10.0, help="--train: DiLoCo round length")
+    parser.add_argument("--collect-seconds", type=float, default=5.0, help="--train: collection window")
     args = parser.parse_args()
     reason = skip_reason()
     if reason:
         print(json.dumps({"error": reason}))
         return 2
-    print(json.dumps(run(args)))
+    print(json.dumps(run_training(args) if args.train else run(args)))
     return 0
 
 

@@ -162,6 +162,14 @@ class Node:
             # the gossip RPCs the library dropped for full queues: a slow or hostile peer shows here
             row["gossip/stalled_skips"] = int(host.get("pacing_stalled_skips", 0))
             row["gossip/outbound_dropped"] = int(sum(host.get("outbound_dropped", {}).values()))
+            # connected peers by path (a NATed node reaches others through a relay until a hole punch
+            # or a direct dial succeeds), and what we relayed for NATed peers (public nodes)
+            relay = host.get("relay", {})
+            kinds = relay.get("peers", {})
+            row["p2p/direct_peers"] = int(kinds.get("direct", 0)) + int(kinds.get("both", 0))
+            row["p2p/relayed_peers"] = int(kinds.get("relayed", 0))
+            row["relay/reservations"] = int(relay.get("reservations", 0))
+            row["relay/bytes_relayed"] = int(relay.get("bytes_relayed", 0))
         for ex in self.exchanges:
             row.update(ex.statistics())
         sent = sum(v for k, v in row.items() if k.endswith("/bytes_sent"))
