@@ -30,7 +30,7 @@ measures the transport the exchanges ride on.
 
 `--train`: the same topology with the full node. pub0 (the bootstrap) and the three NATed nodes run
 `swarmnode run` (tiny model, DeMo inner optimizer gossiping its components, rollouts shared, DiLoCo in
-wall-clock rounds); pub1 is a public node that only relays (tests/netns_node.py). After `--kill-at`
+wall-clock rounds); pub1.. (`--relays`, default 2) are public nodes that only relay (tests/netns_node.py). After `--kill-at`
 seconds the relay that h1a reserved on is SIGKILLed; after `--join-at` seconds a late NATed joiner
 (h2b, behind r2) starts with only the public nodes as bootstrap and catches up through the exchange
 code. Everything is read from the nodes' own metrics and logs: per round, which nodes merged it, with
@@ -281,18 +281,28 @@ class Daemon:
     """`swarmnode run` inside a namespace; its metrics and log are read from its data dir."""
 
     def __init__(
-        self, where: Any, data_dir: Path, model: str, bootstrap: list[str], seconds: float, args: Any
+        self,
+        where: Any,
+        data_dir: Path,
+        model: str,
+        bootstrap: list[str],
+        seconds: float,
+        args: Any,
+        port_offset: int = 0,
     ) -> None:
         import subprocess
 
         self.name = data_dir.name
         self.dir = data_dir
         self.dir.mkdir(parents=True, exist_ok=True)
-        cmd = ["ip", "netns", "exec", where.ns, sys.executable, "-m", "swarmnode.cli", "run"]
+        # Trainers run niced: every node here shares 2 cores, and a relay (its own machine in a real
+        # swarm) that waits behind five training loops delays every relayed pull past its window.
+        cmd = ["ip", "netns", "exec", where.ns, "nice", "-n", str(args.trainer_nice)]
+        cmd += [sys.executable, "-m", "swarmnode.cli", "run"]
         cmd += ["--data-dir", str(self.dir), "--model", model, "--swarm", TRAIN_SWARM]
         cmd += [
             "--listen",
-            f"/ip4/{where.ip}/tcp/{PORT}",
+            f"/ip4/{where.ip}/tcp/{PORT + port_offset}",
             "--seed",
             str(zlib.crc32(self.name.encode()) % 1000),
         ]
@@ -390,7 +400,8 @@ def run_training(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {}
     try:
         model = str(build_tiny_policy(root / "tiny-model", family="reverse-exact"))
-        hosts = {"pub0": bed.add_public("pub0"), "pub1": bed.add_public("pub1")}
+        relay_names = [f"pub{i}" for i in range(1, 1 + args.relays)]
+        hosts = {name: bed.add_public(name) for name in ("pub0", *relay_names)}
         r1, r2 = bed.add_router("r1"), bed.add_router("r2")
         hosts.update(
             {"h1a": bed.add_home(r1, "h1a"), "h1b": bed.add_home(r1, "h1b"), "h2a": bed.add_home(r2, "h2a")}
@@ -401,15 +412,15 @@ def run_training(args: argparse.Namespace) -> dict[str, Any]:
         t0 = time.time()
         daemons["pub0"] = Daemon(hosts["pub0"], root / "pub0", model, [], args.seconds, args)
         boot = [daemons["pub0"].wait_listening()]
-        relay1 = bed.start_node(hosts["pub1"], root / "pub1", port=PORT, bootstrap=boot)
-        boot.append(relay1.addr)
-        for name in NATTED:
-            daemons[name] = Daemon(
-                hosts[name], root / name, model, boot, args.seconds - (time.time() - t0), args
-            )
+        relays = {n: bed.start_node(hosts[n], root / n, port=PORT, bootstrap=boot) for n in relay_names}
+        boot += [r.addr for r in relays.values()]
+        for index, name in enumerate(NATTED):
+            left = args.seconds - (time.time() - t0)
+            offset = 0 if args.same_ports else 1 + index
+            daemons[name] = Daemon(hosts[name], root / name, model, boot, left, args, offset)
         for d in daemons.values():
             d.wait_listening()
-        ids = {name: d.peer_id for name, d in daemons.items()} | {"pub1": relay1.peer_id}
+        ids = {name: d.peer_id for name, d in daemons.items()} | {n: r.peer_id for n, r in relays.items()}
         names = {v: k for k, v in ids.items()}
         natted_ready = wait_until(
             lambda: all(
@@ -427,15 +438,15 @@ def run_training(args: argparse.Namespace) -> dict[str, Any]:
         kill_at = t0 + args.kill_at if args.kill_at > 0 else float("inf")
         join_at = t0 + args.join_at
         end = t0 + args.seconds
-        relay_stats_pub1: dict[str, Any] = {}
+        relay_stats: dict[str, dict[str, Any]] = {}
         while time.time() < end and any(d.proc.poll() is None for d in daemons.values()):
             now = time.time()
             if killed is None and now >= kill_at:
                 relay = _relay_named(str(daemons["h1a"].last().get("reachability", "")))
-                killed = names.get(relay, "pub1")
-                if killed == "pub1":
-                    relay_stats_pub1 = relay1.call("stats")["stats"]["relay"]
-                    relay1.kill()
+                killed = names.get(relay, relay_names[0] if relay_names else "pub0")
+                if killed in relays:
+                    relay_stats[killed] = relays[killed].call("stats")["stats"]["relay"]
+                    relays[killed].kill()
                     killed_time = time.time()
                 else:
                     daemons[killed].kill()
@@ -445,15 +456,18 @@ def run_training(args: argparse.Namespace) -> dict[str, Any]:
             if joiner is None and now >= join_at:
                 joiner_host = bed.add_home(r2, "h2b")
                 live_boot = [daemons["pub0"].addr] if killed != "pub0" else []
-                live_boot += [relay1.addr] if killed != "pub1" else []
-                joiner = daemons["h2b"] = Daemon(joiner_host, root / "h2b", model, live_boot, end - now, args)
+                live_boot += [r.addr for n, r in relays.items() if n != killed]
+                offset = 0 if args.same_ports else 1 + len(NATTED)
+                joiner = Daemon(joiner_host, root / "h2b", model, live_boot, end - now, args, offset)
+                daemons["h2b"] = joiner
                 joiner.wait_listening()
                 ids["h2b"], names[joiner.peer_id] = joiner.peer_id, "h2b"
             time.sleep(1.0)
-        if killed != "pub1":
-            relay_stats_pub1 = relay1.call("stats")["stats"]["relay"]
+        for name, r in relays.items():
+            if name != killed:
+                relay_stats[name] = r.call("stats")["stats"]["relay"]
         exit_codes = {n: d.stop(timeout=120) for n, d in daemons.items() if d.killed_at is None}
-        out.update(_training_report(daemons, names, relay_stats_pub1, killed_time, args))
+        out.update(_training_report(daemons, names, relay_stats, killed_time, args))
         out["exit_codes"] = exit_codes
         return out
     finally:
@@ -466,7 +480,7 @@ def run_training(args: argparse.Namespace) -> dict[str, Any]:
 def _training_report(
     daemons: dict[str, Daemon],
     names: dict[str, str],
-    relay_pub1: dict[str, Any],
+    relay_stats: dict[str, dict[str, Any]],
     killed_at: float | None,
     args: Any,
 ) -> dict[str, Any]:
@@ -478,12 +492,15 @@ def _training_report(
         for n, m in merges.items()
     }
 
+    ended = {n: float(last[n].get("time", 0.0)) for n in daemons}
+
     def alive(n: str, at: float) -> bool:
         d = daemons[n]
-        return d.started <= at and (d.killed_at is None or at < d.killed_at)
+        return d.started <= at <= ended[n] and (d.killed_at is None or at < d.killed_at)
 
     rounds = sorted({r for m in merges.values() for r in m})
     full = equal = 0
+    pulls_expected, pulls_ok = [0], [0]
     per_round = []
     for r in rounds:
         rows = {n: m[r] for n, m in merges.items() if r in m}
@@ -496,6 +513,10 @@ def _training_report(
             if n in members
         )
         same = len({row.get("anchor_hash") for row in rows.values()}) == 1
+        for n in members:  # every other member's Δ is a pull this member should have made
+            got = int(rows[n].get("merge_contributors", 0)) if n in rows else 1
+            pulls_expected[0] += len(members) - 1
+            pulls_ok[0] += max(0, min(got, len(members)) - 1)
         full += complete
         equal += same
         per_round.append([r, sorted(rows), len(members), complete, same])
@@ -509,26 +530,20 @@ def _training_report(
             if complete and same:
                 recover_s = round(max(float(x["time"]) for x in rows.values()) - killed_at, 1)
                 break
-    ok = failed = 0
-    received = 0
-    for n, m in merges.items():
-        ok += sum(
-            max(0, int(row.get("merge_contributors", 0)) - (1 if row.get("diloco_merged_own") else 0))
-            for row in m.values()
-        )
+    failed = received = 0
+    for n in merges:
         failed += int(last[n].get("diloco/dropped") or 0)
         received += sum(
             int(v)
             for k, v in last[n].items()
             if k.endswith("/bytes_received") and isinstance(v, (int, float))
         )
-    relayed = int(last.get("pub0", {}).get("relay/bytes_relayed") or 0) + int(
-        relay_pub1.get("bytes_relayed", 0)
-    )
+    relayed = int(last.get("pub0", {}).get("relay/bytes_relayed") or 0)
+    relayed += sum(int(r.get("bytes_relayed", 0)) for r in relay_stats.values())
     # direct paths a NATed node holds beyond the public nodes and its LAN neighbours: a hole punch
     lan = {"h1a": 1, "h1b": 1, "h2a": 0, "h2b": 1}
     punched = any(
-        int(row.get("p2p/direct_peers") or 0) > 2 + lan[n]
+        int(row.get("p2p/direct_peers") or 0) > 1 + args.relays + lan[n]
         for n in lan
         if n in daemons
         for row in daemons[n].rows()
@@ -547,8 +562,11 @@ def _training_report(
         "merges_with_all_contributors": full,
         "anchors_equal": equal,
         "rounds_detail": per_round,
-        "pull_success_ratio": round(ok / max(1, ok + failed), 4),
-        "pulls": ok + failed,
+        # a member's Δ that reached another member's merge of the round, of all it should have reached
+        # (a pull that failed, or did not finish within the collection window, is a miss)
+        "pull_success_ratio": round(pulls_ok[0] / max(1, pulls_expected[0]), 4),
+        "pulls": pulls_expected[0],
+        "pulls_failed_counted": failed,
         "bytes_relayed": relayed,
         "bytes_received": received,
         "bytes_direct": max(0, received - relayed),
@@ -565,6 +583,7 @@ def _training_report(
         },
         "diloco_health": {n: last[n].get("diloco_health") for n in daemons},
         "shape": args.shape or None,
+        "natted_ports": "same" if args.same_ports else "distinct",
     }
 
 
@@ -599,9 +618,17 @@ def main() -> int:
     parser.add_argument(
         "--kill-at", type=float, default=150.0, help="--train: kill h1a's relay then (0: never)"
     )
-    parser.add_argument("--join-at", type=float, default=200.0, help="--train: start the late NATed joiner")
-    parser.add_argument("--round-seconds", type=float, default=10.0, help="--train: DiLoCo round length")
-    parser.add_argument("--collect-seconds", type=float, default=5.0, help="--train: collection window")
+    parser.add_argument("--join-at", type=float, default=180.0, help="--train: start the late NATed joiner")
+    parser.add_argument("--round-seconds", type=float, default=20.0, help="--train: DiLoCo round length")
+    parser.add_argument("--collect-seconds", type=float, default=10.0, help="--train: collection window")
+    parser.add_argument(
+        "--same-ports",
+        action="store_true",
+        help="--train: every NATed node on port 4001 (default: distinct, as `--port 0` gives; two nodes behind "
+        "one router on one port broke each other's hole-punched paths)",
+    )
+    parser.add_argument("--relays", type=int, default=2, help="--train: public relay-only nodes besides pub0")
+    parser.add_argument("--trainer-nice", type=int, default=5, help="--train: niceness of the training nodes")
     args = parser.parse_args()
     reason = skip_reason()
     if reason:

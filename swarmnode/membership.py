@@ -72,6 +72,10 @@ class MembershipConfig:
 
 RECENT_STATES = 4
 MAX_TIMED_STEPS = 8  # a presence further ahead than this was a catch-up, not training
+# New cohort peers are connected to ahead of their first pull (``Membership._preconnect``).
+PRECONNECT_MAX = 4
+PRECONNECT_RETRY_S = 60.0
+PRECONNECT_TIMEOUT_S = 30.0
 
 
 @dataclass(slots=True)
@@ -157,6 +161,10 @@ class Membership:
         self.rate_limited = 0
         self.implausible = 0  # presences heard with a round past round_bound
         self._heartbeat: asyncio.Task[None] | None = None
+        self._tg: asyncio.TaskGroup | None = None
+        self._connecting: set[str] = set()  # cohort peers we are connecting to ahead of any pull
+        self._connect_after: _LRU = _LRU(limit)  # peer -> when we may try to connect to it again
+        self.preconnects = 0
 
     # -- the table --------------------------------------------------------------------------------
 
@@ -341,6 +349,8 @@ class Membership:
                 _time_steps(
                     heard, int(getattr(old.presence, "step", 0)), int(getattr(record, "step", 0)), now
                 )
+            if old is None and getattr(record, "cohort", "") == self.cohort:
+                self._preconnect(origin)
             if getattr(record, "status", "active") == "observing":
                 heard.observed = int(getattr(record, "round", 0)) + 1
             state = (int(getattr(record, "round", 0)), int(getattr(record, "step", 0)), record.anchor_hash)
@@ -404,7 +414,38 @@ class Membership:
             self.prune()
             await asyncio.sleep(self.config.presence_interval_s)
 
+    def _preconnect(self, peer: str) -> None:
+        """Open a connection to a cohort peer we just heard of, before its first pull: reaching a peer
+        behind NAT goes through a relay and takes seconds the first time (a joiner's first rounds
+        missed contributions for it). Bounded: ``PRECONNECT_MAX`` at a time, one try per peer per
+        ``PRECONNECT_RETRY_S`` (a burst of Sybil presences costs a few failed dials, nothing more)."""
+        connect = getattr(self.host, "connect", None)
+        now = self.clock()
+        if (
+            self._tg is None
+            or connect is None
+            or peer in self._connecting
+            or len(self._connecting) >= PRECONNECT_MAX
+            or self._connect_after.get(peer, float("-inf")) > now
+            or peer in self._connected()
+        ):
+            return
+        self._connecting.add(peer)
+        self._connect_after.touch(peer, now + PRECONNECT_RETRY_S)
+        self.preconnects += 1
+
+        async def go() -> None:
+            try:
+                await connect(peer, timeout=PRECONNECT_TIMEOUT_S)
+            except Exception as exc:  # the first pull will try again
+                log.debug("pre-connect to %s failed: %s", peer, exc)
+            finally:
+                self._connecting.discard(peer)
+
+        self._tg.create_task(go())
+
     def start(self, tg: asyncio.TaskGroup) -> None:
+        self._tg = tg
         tg.create_task(receive_loop(self.host, self.topic, self.me, self._handle, self.traffic))
         self._heartbeat = tg.create_task(self._heartbeat_loop())
 
@@ -423,6 +464,7 @@ class Membership:
             "cohort_peers": len(self.cohort_peers()),
             "peers_left": self.peers_left,
             "presence/rate_limited": self.rate_limited,
+            "presence/preconnects": self.preconnects,
             "presence/implausible": self.implausible,
             "presence/table": len(self.peers),
             **self.traffic.as_dict("presence"),

@@ -430,3 +430,47 @@ def test_a_peer_s_advertised_step_time_counts_before_we_could_measure_one() -> N
         assert b.record().step_s == 0.0  # never advertised: it could not be encoded
     b.status = lambda: Status(step=3, round=1, anchor_hash="ab" * 32, step_s=1e12)
     assert b.record().step_s == 86400.0
+
+
+def test_a_new_cohort_peer_is_connected_to_before_its_first_pull_and_bounded() -> None:
+    # Reaching a peer behind NAT takes a relay and seconds the first time: the first presence of a
+    # cohort peer we are not connected to starts a connection, once per peer per retry interval, a
+    # few at a time, never for another cohort's peers.
+    from swarmnode.membership import PRECONNECT_MAX, PRECONNECT_RETRY_S
+
+    clock = FakeClock()
+    bus = Bus()
+    a, host = make(bus, "peerA", clock)
+    calls: list[str] = []
+    release = asyncio.Event()
+
+    async def connect(peer: str, *, timeout: float) -> bool:  # noqa: ASYNC109 - Host.connect's shape
+        calls.append(peer)
+        await release.wait()
+        return True
+
+    host.connect = connect  # type: ignore[attr-defined]
+    host.connected_peers = lambda: []  # type: ignore[method-assign]
+    sender = make(bus, "peerX", clock)[0]
+    other = make(bus, "peerY", clock, cohort=COHORT_B)[0]
+
+    async def body() -> None:
+        a.observe("peerB", codec.decode(codec.encode(sender.record())))
+        a.observe("peerB", codec.decode(codec.encode(sender.record())))  # heard again: no second try
+        a.observe("peerC", codec.decode(codec.encode(other.record())))  # another cohort: none
+        for i in range(2 * PRECONNECT_MAX):  # a burst of new identities: a few at a time
+            a.observe(f"sybil{i}", codec.decode(codec.encode(sender.record())))
+        await asyncio.sleep(0)
+        assert calls[0] == "peerB"
+        assert "peerC" not in calls
+        assert len(calls) == PRECONNECT_MAX
+        release.set()
+        await asyncio.sleep(0)
+        clock.advance(PRECONNECT_RETRY_S / 2)
+        a.peers.pop("peerB")  # forgotten and heard anew within the retry interval: not tried again
+        a.observe("peerB", codec.decode(codec.encode(sender.record())))
+        await asyncio.sleep(0)
+        assert calls.count("peerB") == 1
+
+    run(_run_for([a], body()), clock)
+    assert a.statistics()["presence/preconnects"] == PRECONNECT_MAX

@@ -361,7 +361,42 @@ class Host:
             await self._relay.connect(pid, lambda: self._dial_direct(pid))
         elif not _has_live_connection(state.host, pid):
             await self._find_addrs(pid)
-        return await state.host.new_stream(pid, [TProtocol(protocol_id)])
+        try:
+            return await state.host.new_stream(pid, [TProtocol(protocol_id)])
+        except Exception as exc:
+            if self._relay is None:
+                raise
+            # The connection we held no longer carries streams (a hole-punched path the NAT forgot, a
+            # relayed one whose relay died): drop it and reach the peer afresh, relay racing direct.
+            self._requests["stream_retries"] = self._requests.get("stream_retries", 0) + 1
+            log.info("stream to %s failed on its connection (%s); reconnecting", peer_id[:16], exc)
+            with contextlib.suppress(Exception):
+                await state.host.get_network().close_peer(pid)
+            forget_failure(state.host, pid)
+            await self._relay.connect(pid, lambda: self._dial_direct(pid))
+            return await state.host.new_stream(pid, [TProtocol(protocol_id)])
+
+    async def connect(self, peer_id: str, *, timeout: float = 30.0) -> bool:  # noqa: ASYNC109
+        """Make sure we hold a connection to ``peer_id`` (direct, or through a relay where either of
+        us is behind NAT), bounded by ``timeout``; whether we do. Never raises for an unreachable peer."""
+        try:
+            return bool(await self._b().run(self._trio_connect, peer_id, timeout))
+        except Exception as exc:
+            log.debug("connect to %s failed: %s", peer_id[:16], exc)
+            return False
+
+    async def _trio_connect(self, peer_id: str, timeout: float) -> bool:  # noqa: ASYNC109
+        state = self._t()
+        pid = ID.from_base58(peer_id)
+        if _has_live_connection(state.host, pid):
+            return True
+        with trio.move_on_after(timeout):
+            forget_failure(state.host, pid)
+            if self._relay is not None:
+                await self._relay.connect(pid, lambda: self._dial_direct(pid))
+            else:
+                await self._dial_direct(pid)
+        return _has_live_connection(state.host, pid)
 
     async def _find_addrs(self, pid: ID) -> None:
         # A manifest can reach us through gossip relays from a peer we never dialled: without known
