@@ -495,8 +495,14 @@ def _training_report(
     ended = {n: float(last[n].get("time", 0.0)) for n in daemons}
 
     def alive(n: str, at: float) -> bool:
+        # a node whose run ends within a round of the merge (every node stops at the bench's end,
+        # mid-round) is not expected to merge it; a killed one is not after its kill
         d = daemons[n]
-        return d.started <= at <= ended[n] and (d.killed_at is None or at < d.killed_at)
+        return (
+            d.started <= at
+            and at + args.round_seconds <= ended[n]
+            and (d.killed_at is None or at < d.killed_at)
+        )
 
     rounds = sorted({r for m in merges.values() for r in m})
     full = equal = 0
