@@ -364,8 +364,9 @@ class Host:
         try:
             return await state.host.new_stream(pid, [TProtocol(protocol_id)])
         except Exception as exc:
-            if self._relay is None:
-                raise
+            cause = f"{exc} {exc.__cause__}"
+            if self._relay is None or "not supported" in cause:
+                raise  # no other path, or the peer answered and refused the protocol
             # The connection we held no longer carries streams (a hole-punched path the NAT forgot, a
             # relayed one whose relay died): drop it and reach the peer afresh, relay racing direct.
             self._requests["stream_retries"] = self._requests.get("stream_retries", 0) + 1
