@@ -363,3 +363,34 @@ def test_two_hosts_gossip_requests_and_blobs(tmp_path: Path) -> None:
             assert [m async for m in at_b] == []
 
     asyncio.run(main())
+
+
+def test_a_small_message_waits_briefly_behind_a_slowly_draining_queue() -> None:
+    # A round manifest must not sit PACING_MAX_WAIT_S behind a relayed queue of bulk components that
+    # drains, but slowly: small messages wait at most PACING_SMALL_WAIT_S.
+    from swarmnode.p2p.gossip import PACING_MAX_WAIT_S, PACING_SMALL_WAIT_S
+
+    pubsub, stats = _FakePubsub(), GossipStats()
+
+    async def main() -> tuple[float, float]:
+        pubsub.peer_queues["b"].extend(range(PACING_HIGH_WATER + 200))
+
+        async def drain_slowly() -> None:
+            while pubsub.peer_queues["b"]:
+                await trio.sleep(0.2)
+                pubsub.peer_queues["b"].pop()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(drain_slowly)
+            start = trio.current_time()
+            await wait_queues_low(pubsub, stats, PACING_SMALL_WAIT_S)  # type: ignore[arg-type]
+            small = trio.current_time() - start
+            start = trio.current_time()
+            await wait_queues_low(pubsub, stats)  # type: ignore[arg-type]
+            large = trio.current_time() - start
+            nursery.cancel_scope.cancel()
+        return small, large
+
+    small, large = trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert small == pytest.approx(PACING_SMALL_WAIT_S, abs=0.01)
+    assert large == pytest.approx(PACING_MAX_WAIT_S, abs=0.01)  # still draining: a bulk message waits

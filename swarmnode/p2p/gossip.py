@@ -30,6 +30,10 @@ PACING_MAX_WAIT_S = 5.0
 # the library drops what does not fit its queue (counted in ``outbound_dropped``). Without this, one
 # such peer held each of our round manifests back ~5 s and honest peers missed them.
 PACING_STALL_S = 1.0
+# A small message (a round manifest, a presence) waits at most PACING_SMALL_WAIT_S: it fits any queue,
+# and held 5 s behind a slowly draining relayed queue of DeMo components it missed its round's window.
+PACING_SMALL_BYTES = 16 * 1024
+PACING_SMALL_WAIT_S = 0.25
 # Forwarded messages are not paced (only our own publishes are), and the library's 32-packet per-peer queue
 # dropped ~1200 RPCs during a 1000-message burst across 8 nodes. A larger queue absorbs relay bursts; memory
 # stays bounded at OUTBOUND_QUEUE × max_message_bytes per peer.
@@ -223,7 +227,7 @@ def _queues_to_wait_for(pubsub: Pubsub, stats: GossipStats, now: float) -> tuple
     return waiting, stalled
 
 
-async def wait_queues_low(pubsub: Pubsub, stats: GossipStats) -> None:
+async def wait_queues_low(pubsub: Pubsub, stats: GossipStats, max_wait: float = PACING_MAX_WAIT_S) -> None:
     """Back-pressure: wait while any draining per-peer outbound queue is above the high-water mark
     (a stalled one is not waited for: ``PACING_STALL_S``)."""
     waiting, stalled = _queues_to_wait_for(pubsub, stats, trio.current_time())
@@ -232,7 +236,7 @@ async def wait_queues_low(pubsub: Pubsub, stats: GossipStats) -> None:
             stats.stalled_skips += 1
         return
     stats.paced_waits += 1
-    with trio.move_on_after(PACING_MAX_WAIT_S):
+    with trio.move_on_after(max_wait):
         # The library signals nothing when a queue drains, so poll (2 ms is far below a send's latency).
         while waiting:
             await trio.sleep(0.002)
@@ -241,6 +245,8 @@ async def wait_queues_low(pubsub: Pubsub, stats: GossipStats) -> None:
             stats.stalled_skips += 1
         return
     stats.pacing_timeouts += 1
+    if max_wait < PACING_MAX_WAIT_S:
+        return  # a small message: sent after its short wait, nothing to warn about
     log.warning(
         "a peer's outbound queue stayed above %d for %.0f s; publishing anyway",
         PACING_HIGH_WATER,

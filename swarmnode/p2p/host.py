@@ -27,6 +27,9 @@ from swarmnode.p2p.bridge import BridgeClosed, TrioBridge, open_trio_bridge
 from swarmnode.p2p.config import HostConfig, Message
 from swarmnode.p2p.dialer import Dialer, forget_failure
 from swarmnode.p2p.gossip import (
+    PACING_MAX_WAIT_S,
+    PACING_SMALL_BYTES,
+    PACING_SMALL_WAIT_S,
     SUBSCRIPTION_CHANNEL,
     DigestEquivocation,
     GossipStats,
@@ -100,7 +103,8 @@ class Host:
 
     async def _trio_publish(self, topic: str, data: bytes) -> None:
         state = self._t()
-        await wait_queues_low(state.pubsub, self._gossip)
+        small = len(data) <= PACING_SMALL_BYTES
+        await wait_queues_low(state.pubsub, self._gossip, PACING_SMALL_WAIT_S if small else PACING_MAX_WAIT_S)
         await state.pubsub.publish(topic, data)
         stats = self._gossip.topic(topic)
         stats.sent += 1
