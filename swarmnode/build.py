@@ -135,11 +135,17 @@ def build_node(cfg: NodeConfig, host: Host, learner: Learner, *, data_dir: Path,
     ]
     if train.optimizer == "demo" and cfg.demo.gossip:
         demo_ex = DemoExchange(
-            DemoGossipConfig(swarm=swarm, value_codec=cfg.demo.value_codec, window_s=cfg.demo.window_s),
+            DemoGossipConfig(
+                swarm=swarm,
+                value_codec=cfg.demo.value_codec,
+                window_s=cfg.demo.window_s,
+                max_publishers=cfg.demo.max_publishers,
+            ),
             host=host,
             cohort=learner.fingerprint,
             demo=learner.trainer.optimizer,
             spec=learner.demo_spec,
+            members=membership.cohort_peers,
         )
         learner.trainer.optimizer = demo_ex.optimizer  # the trainer now steps through the exchange
         exchanges.append(demo_ex)
@@ -151,7 +157,8 @@ def build_node(cfg: NodeConfig, host: Host, learner: Learner, *, data_dir: Path,
         if collect is None:
             collect = collect_window(
                 encoded_size(learner.diloco.shapes(), dl.delta_codec),
-                max(net.expect_peers, 1),
+                # pulls per round: the chosen contributors (relays spread the uploads over the cohort)
+                max(min(net.expect_peers, dl.merge_fanin or net.expect_peers), 1),
                 net.link_mbps,
                 round_seconds=dl.round_seconds or 0.0,
             )
@@ -166,6 +173,8 @@ def build_node(cfg: NodeConfig, host: Host, learner: Learner, *, data_dir: Path,
                 codec=dl.delta_codec,
                 expect_peers=net.expect_peers,
                 join_wait_s=net.join_wait_s,
+                merge_fanin=dl.merge_fanin,
+                relay_branching=dl.relay_branching,
             ),
             host=host,
             membership=membership,

@@ -10,8 +10,9 @@ Layout of the TOML file (every key optional; unknown keys are errors, so typos n
     [train]      optimizer, steps, duration_s, eval_every, eval_prompts, group_size, local_groups,
                  external_groups, lr, max_new_tokens, temperature, staleness_steps,
                  external_prefer, share_rollouts
-    [demo]       topk, chunk, use_dct, value_codec, gossip, window_s
-    [diloco]     enabled, inner_steps, round_seconds, outer_lr, momentum, collect_seconds, delta_codec
+    [demo]       topk, chunk, use_dct, value_codec, gossip, window_s, max_publishers
+    [diloco]     enabled, inner_steps, round_seconds, outer_lr, momentum, collect_seconds, delta_codec,
+                 merge_fanin, relay_branching
     [checkpoint] every, keep
     [telemetry]  metrics, mqtt
 
@@ -207,9 +208,13 @@ class DemoSection:
     value_codec: Literal["int8", "sign"] = "int8"  # the codecs compression/values.py implements
     gossip: bool = True
     window_s: float = 0.0  # > 0: a step waits up to this long for one peer's whole step of components
+    # Peers that publish components in one step: a rotating choice of this many of the cohort
+    # (exchange.fanin), so a node receives at most this many peers' components a step. 0: all.
+    max_publishers: int = 8
 
     def __post_init__(self) -> None:
         _range("window_s", self.window_s, 0.0, 600.0)
+        _range("max_publishers", self.max_publishers, 0, 100_000)
         _range("chunk", self.chunk, 2, 4096)
         _range("topk", self.topk, 1, self.chunk * self.chunk)
 
@@ -235,6 +240,11 @@ class DilocoSection:
     # matmul: only for a cohort whose nodes share one BLAS build, or anchors may differ in the last
     # bits). A merge accepts any of them from peers, by the blob's header.
     delta_codec: Literal["int8", "sparse", "sparse-dct"] = "int8"
+    # Contributors per round: with more live members, a rotating choice of this many contributes and
+    # every member pulls only theirs, through relay trees of relay_branching (exchange.fanin); the
+    # others carry their whole progress to a later round. 0: every member, pulled from its author.
+    merge_fanin: int = 8
+    relay_branching: int = 2
 
     def __post_init__(self) -> None:
         sparse = self.delta_codec != "int8"
@@ -253,6 +263,10 @@ class DilocoSection:
         _range("momentum", self.momentum, 0.0, 0.999)
         if self.collect_seconds is not None:
             _range("collect_seconds", self.collect_seconds, 1e-3, 3600.0)
+        if self.merge_fanin == 1:
+            raise ValueError("merge_fanin must be 0 (every member) or >= 2, got 1")
+        _range("merge_fanin", self.merge_fanin, 0, 100_000)
+        _range("relay_branching", self.relay_branching, 1, 64)
 
 
 @dataclass(kw_only=True, slots=True)

@@ -141,12 +141,21 @@ class RoundsConfig:
     codec: str = "int8"
     expect_peers: int = 1  # cohort peers to hear before the first step (bounded by join_wait_s)
     join_wait_s: float = 3.0
+    # Contributors per round: with more live members, a rotating choice of this many
+    # (``exchange.fanin``) contributes and every member pulls only theirs, through a relay tree of
+    # this branching; the others carry their whole progress to a later round. 0: every member.
+    merge_fanin: int = 8
+    relay_branching: int = 2
 
     def __post_init__(self) -> None:
         if not (self.merge_every > 0) ^ (self.round_seconds > 0):
             raise ValueError("set exactly one of merge_every (steps) and round_seconds (wall clock)")
         if not self.collect_seconds > 0:
             raise ValueError(f"collect_seconds must be > 0, got {self.collect_seconds}")
+        if self.merge_fanin < 0 or self.merge_fanin == 1:
+            raise ValueError(f"merge_fanin must be 0 (every member) or >= 2, got {self.merge_fanin}")
+        if self.relay_branching < 1:
+            raise ValueError(f"relay_branching must be >= 1, got {self.relay_branching}")
         if self.round_seconds and self.collect_seconds > self.round_seconds:
             raise ValueError(
                 f"collect_seconds must be in (0, round_seconds={self.round_seconds}], got {self.collect_seconds}"

@@ -159,6 +159,8 @@ class FakeHost:
         self.views: dict[str, tuple[int, Callable[[int, int], bytes]]] = {}
         self.handlers: dict[str, Callable[[str, bytes], Awaitable[bytes]]] = {}
         self.served_bytes = 0
+        self.served: dict[str, int] = {}  # content hash -> times served
+        self.expected: set[str] = set()
         self.published: list[Msg] = []
         self._mine: list[asyncio.Queue[Msg | None]] = []
         bus.hosts[peer_id] = self
@@ -205,6 +207,12 @@ class FakeHost:
         self.blobs.pop(content_hash, None)
         self.views.pop(content_hash, None)
 
+    def expect_blob(self, content_hash: str, timeout: float) -> None:
+        self.expected.add(content_hash)
+
+    def unexpect_blob(self, content_hash: str) -> None:
+        self.expected.discard(content_hash)
+
     async def fetch(
         self,
         content_hash: str,
@@ -219,6 +227,12 @@ class FakeHost:
                 continue
             if host.dead:
                 await asyncio.Event().wait()  # never answers; the caller's deadline must end this
+            while (  # noqa: ASYNC110 - the real blob server holds a request for a blob its host still pulls
+                content_hash in host.expected
+                and content_hash not in host.blobs
+                and content_hash not in host.views
+            ):
+                await asyncio.sleep(0.01)
             data = host.blobs.get(content_hash)
             if data is None and content_hash in host.views:
                 size, read = host.views[content_hash]
@@ -229,6 +243,7 @@ class FakeHost:
                 if len(data) > max_size:
                     raise ValueError(f"blob {content_hash[:8]} is {len(data)} bytes, over {max_size}")
                 host.served_bytes += len(data)
+                host.served[content_hash] = host.served.get(content_hash, 0) + 1
                 return data
         raise LookupError(f"no provider has blob {content_hash[:8]}")
 

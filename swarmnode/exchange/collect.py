@@ -57,18 +57,19 @@ async def collect_round(
     fetch: Callable[[Any], Coroutine[Any, Any, C | None]],
     deadline: Callable[[], float],
     clock: Callable[[], float],
+    accept: Callable[[str], bool] = lambda author: True,
 ) -> dict[str, C]:
     """{author: (Δ, weight)} of the contributions that arrived in time; ``fetch`` never raises (it
     returns None for a failed pull), so one bad peer cannot cancel the others' pulls. ``deadline``
     is read again as the round goes (a step round's window grows with the cohort's measured step
-    times)."""
+    times). Manifests of authors ``accept`` refuses (not chosen to contribute) are not pulled."""
     fetches: dict[str, asyncio.Task[C | None]] = {}
     try:
         async with asyncio.TaskGroup() as pulls:
             try:
                 while True:
                     for author, manifest in inbox.manifests.items():
-                        if author not in fetches:
+                        if author not in fetches and accept(author):
                             fetches[author] = pulls.create_task(fetch(manifest))
                     if set(expected()) <= set(inbox.manifests):
                         break

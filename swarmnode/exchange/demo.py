@@ -26,6 +26,7 @@ from typing import Any
 
 from swarmnode.compression.components import decode_components, encode_components
 from swarmnode.exchange.base import BaseExchange, Host, Traffic, receive_loop
+from swarmnode.exchange.fanin import choose, seed_of
 from swarmnode.protocol import DemoComponents, ProtocolError, TensorComponents, codec, limits, topics
 
 log = logging.getLogger(__name__)
@@ -42,10 +43,17 @@ class DemoGossipConfig:
     value_codec: str = "int8"
     window_s: float = 0.0
     max_lag: int | None = None
+    # Publishers per step: with more live cohort members, a rotating choice of this many
+    # (``exchange.fanin.choose`` on the step) gossips its components, so a node receives at most
+    # this many peers' components a step whatever the cohort's size; the others apply theirs
+    # locally only that step. 0: every member publishes every step.
+    max_publishers: int = 8
 
     def __post_init__(self) -> None:
         if self.window_s < 0:
             raise ValueError(f"window_s must be >= 0, got {self.window_s}")
+        if self.max_publishers < 0:
+            raise ValueError(f"max_publishers must be >= 0 (0: every member), got {self.max_publishers}")
 
 
 # Room for the record's fields around the payloads: every message stays under the gossip limit.
@@ -160,8 +168,19 @@ class GossipingDeMo:
 class DemoExchange(BaseExchange):
     name = "demo"
 
-    def __init__(self, config: DemoGossipConfig, *, host: Host, cohort: str, demo: Any, spec: Spec) -> None:
+    def __init__(
+        self,
+        config: DemoGossipConfig,
+        *,
+        host: Host,
+        cohort: str,
+        demo: Any,
+        spec: Spec,
+        members: Callable[[], list[str]] = list,
+    ) -> None:
         self.config = config
+        self.members = members  # the live cohort peers (``Membership.cohort_peers``)
+        self.sat_out = 0  # steps we were not among the publishers
         self.host = host
         self.me = str(host.peer_id)
         self.cohort = cohort
@@ -243,7 +262,10 @@ class DemoExchange(BaseExchange):
         if loop is None or out is None:
             return  # not started (training alone): components stay local
 
-        def put() -> None:
+        def put() -> None:  # on the event loop, where the membership table lives
+            if not self.publishes(step):
+                self.sat_out += 1
+                return
             if out.full():
                 out.get_nowait()  # a newer step supersedes an unsent older one
                 self.traffic.dropped += 1
@@ -272,6 +294,16 @@ class DemoExchange(BaseExchange):
             if all(rows.get(n, 0) >= self.spec(n)[1] for n in names):
                 return True
         return False
+
+    def publishes(self, step: int) -> bool:
+        """Whether we are among step ``step``'s publishers (``max_publishers``)."""
+        d = self.config.max_publishers
+        if not d:
+            return True
+        view = set(self.members()) | {self.me}
+        return len(view) <= d or self.me in choose(
+            seed_of(self.config.swarm, self.cohort, "demo", step), d, view
+        )
 
     def _step(self, demo: Any) -> None:
         own = demo.compute_components()
@@ -302,5 +334,6 @@ class DemoExchange(BaseExchange):
             "demo_messages_per_step": self.last_messages,
             "demo_last_send_error": self.last_send_error,
             "demo_blocked_s": round(self.blocked_s, 4),
+            "demo_sat_out_steps": self.sat_out,
             **self.traffic.as_dict("demo"),
         }

@@ -47,6 +47,7 @@ from swarmnode.exchange.catchup import (
     snapshot_of,
 )
 from swarmnode.exchange.collect import Inbox, admit, collect_round
+from swarmnode.exchange.fanin import choose, relay_source, seed_of
 from swarmnode.exchange.merge import Contribution, check_delta, mapped_blob, merge
 from swarmnode.membership import Membership, step_ema
 from swarmnode.protocol import RoundManifest, codec, topics
@@ -91,6 +92,15 @@ STEP_SLACK = 2.5
 MAX_WINDOW_S = 3600.0
 # A cohort peer that published no manifest in this many rounds in a row is not waited for any more.
 NO_SHOW_ROUNDS = 3
+# Rounds whose contributor choice (``RoundsConfig.merge_fanin``) is remembered.
+SELECTIONS_KEPT = 8
+# A relayed pull tries the blob's parent in its relay tree for at most this share of the time left,
+# then its author.
+RELAY_SHARE = 0.5
+# A relay parent that does not know the blob yet (it has not seen the manifest) refuses at once; the
+# pull asks it again every RELAY_RETRY_S for up to RELAY_REFUSALS_S before going to the author.
+RELAY_RETRY_S = 0.25
+RELAY_REFUSALS_S = 3.0
 
 
 @dataclass(slots=True)
@@ -105,6 +115,9 @@ class _Pending:
     content_hash: str = ""
     started: float = 0.0  # when the collection began (our publish), on the exchange's clock
     collected_at: float = 0.0  # when it ended (every contribution in, or the deadline)
+    # A member not chosen to contribute this round (``merge_fanin``): it merges the chosen ones'
+    # Δ and carries its whole progress since the anchor (``published`` is the anchor) to a later round.
+    sat_out: bool = False
 
 
 class DiLoCoExchange(BaseExchange):
@@ -200,6 +213,13 @@ class DiLoCoExchange(BaseExchange):
         self.agreeing: list[str] = []  # authors of the last merge whose Δ agreed with the rest
         self.samples_since_publish = 0
         self._inboxes: dict[int, Inbox] = {}
+        # round -> (the members it was chosen among, the chosen contributors), or None: every member
+        self._selection: OrderedDict[int, tuple[list[str], list[str]] | None] = OrderedDict()
+        self.sat_out = 0  # rounds this node was not chosen to contribute in
+        self.chosen_last = True
+        self.relay_pulls = self.relay_fallbacks = 0
+        self._relayed: list[str] = []  # blobs pulled this round and served on to our relay children
+        self._relayed_before: list[str] = []
         self._pending: _Pending | None = None
         self._said_observing = False
         self._step_s = 0.0  # moving average of our wall time per step
@@ -239,11 +259,34 @@ class DiLoCoExchange(BaseExchange):
         pending = self._pending.round if self._pending is not None else None
         admit(self._inboxes, origin, rnd, record, keep=pending)
 
-    def _expected(self) -> list[str]:
+    def _expected(self, rnd: int | None = None) -> list[str]:
         """The cohort peers a round waits for: ``Membership.cohort_peers`` less those that published
         nothing for the last ``NO_SHOW_ROUNDS`` rounds they were waited for (a manifest from them,
-        in time or late, puts them back; a manifest that arrives is pulled either way)."""
-        return [p for p in self.members.cohort_peers() if self._no_shows.get(p, 0) < NO_SHOW_ROUNDS]
+        in time or late, puts them back; a manifest that arrives is pulled either way); of round
+        ``rnd``, only those chosen to contribute to it (``_chosen``)."""
+        peers = [p for p in self.members.cohort_peers() if self._no_shows.get(p, 0) < NO_SHOW_ROUNDS]
+        chosen = self._chosen(rnd) if rnd is not None else None
+        if chosen is not None:
+            peers = [p for p in peers if p in chosen[1]]
+        return peers
+
+    def _chosen(self, rnd: int, *, member: bool = True) -> tuple[list[str], list[str]] | None:
+        """(members, contributors) of round ``rnd`` when more members are live than
+        ``merge_fanin``: the contributors are a rotating choice of ``merge_fanin`` of them
+        (``fanin.choose``, the same on every member with the same view), fixed the first time it is
+        asked (at the round's end); None: every member contributes. ``member``: we are one of them
+        (an observer is not)."""
+        if rnd in self._selection:
+            return self._selection[rnd]
+        k = self.config.merge_fanin
+        view = sorted(set(self.members.cohort_peers()) | ({self.me} if member else set()))
+        chosen = None
+        if k and len(view) > k:
+            chosen = (view, choose(seed_of(self.config.swarm, self.cohort, "merge", rnd), k, view))
+        self._selection[rnd] = chosen
+        while len(self._selection) > SELECTIONS_KEPT:
+            self._selection.popitem(last=False)
+        return chosen
 
     def max_plausible_round(self) -> int:
         """The newest round any honest peer can be in: by the wall clock (one round of skew), or, for
@@ -257,7 +300,7 @@ class DiLoCoExchange(BaseExchange):
     @property
     def observing(self) -> bool:
         """Merging the round in flight without a Δ of our own (a joiner that just loaded state)."""
-        return self._pending is not None and self._pending.own is None
+        return self._pending is not None and self._pending.own is None and not self._pending.sat_out
 
     async def _say_if_observing_changed(self) -> None:
         # The cohort's round must not wait for an observer: say so now, not at the next presence.
@@ -303,7 +346,7 @@ class DiLoCoExchange(BaseExchange):
         await self.drain()  # round r+1 ended before round r's collection did (bounded wait)
         rnd, deadline = due
         # Step rounds: the window opens when we publish; that wait must not use up round r+1's.
-        await self._publish(rnd, deadline if self.clock_rounds is not None else self._window_from_now(rnd))
+        await self._end_round(rnd, deadline if self.clock_rounds is not None else self._window_from_now(rnd))
 
     async def finish(self, stopped: bool) -> None:
         """Budget spent: merge the round in flight so every replica ends on the same anchor, then
@@ -323,7 +366,7 @@ class DiLoCoExchange(BaseExchange):
             # with the steps we took in it, or the cohort would end on two anchors.
             rc = self.clock_rounds
             wall_left = rc.round_end(rnd) + self.config.collect_seconds - rc.clock()
-            await self._publish(rnd, self.clock() + max(0.0, wall_left))
+            await self._end_round(rnd, self.clock() + max(0.0, wall_left))
             await self.drain()
         end = self.clock() + self.config.collect_seconds
         while self.clock() < end and any(  # noqa: ASYNC110 - polls presence, bounded by the window
@@ -412,7 +455,7 @@ class DiLoCoExchange(BaseExchange):
             presence_of = getattr(self.members, "presence_of", None)
             if ahead is None or presence_of is None:
                 return base
-            for p in self._expected():
+            for p in self._expected(rnd):
                 if p in published:
                     continue
                 step = int(getattr(presence_of(p), "step", -1))
@@ -427,6 +470,22 @@ class DiLoCoExchange(BaseExchange):
             return granted[0]
 
         return deadline
+
+    async def _end_round(self, rnd: int, deadline: float | Callable[[], float]) -> None:
+        """Publish our Δ for round ``rnd``, or, when we are not among its chosen contributors, merge
+        theirs and keep our progress for a later round (no blob, no manifest)."""
+        chosen = self._chosen(rnd)
+        self.chosen_last = chosen is None or self.me in chosen[1]
+        if self.chosen_last:
+            await self._publish(rnd, deadline)
+            return
+        self.sat_out += 1
+        self._pull_problems = []
+        task = self._tg.create_task(self._collect(rnd, deadline))
+        # θ' = anchor' + (θ − anchor): everything since the anchor stays ours, on the new anchor
+        pending = _Pending(rnd, task, published=self.diloco.anchor, started=self.clock(), sat_out=True)
+        task.add_done_callback(lambda _t: setattr(pending, "collected_at", self.clock()))
+        self._pending = pending
 
     async def _publish(self, rnd: int, deadline: float | Callable[[], float]) -> None:
         blob_dir = self.blob_dir
@@ -477,45 +536,92 @@ class DiLoCoExchange(BaseExchange):
         inbox = self._inboxes.setdefault(rnd, Inbox())
         if not callable(deadline):
             deadline = functools.partial(float, deadline)
+        chosen = self._chosen(rnd)  # fixed at our round's end (or, observing, when we joined it)
         return await collect_round(
             inbox,
-            expected=self._expected,
-            fetch=lambda m: self._fetch_one(m, deadline),
+            expected=lambda: self._expected(rnd),
+            fetch=lambda m: self._fetch_one(m, deadline, rnd),
             deadline=deadline,
             clock=self.clock,
+            accept=lambda author: chosen is None or author in chosen[1],
         )
 
-    async def _fetch_one(self, m: Any, deadline: Callable[[], float]) -> Contribution | None:
-        """(Δ blob, weight, norm) from the manifest's author, validated against our model, or None
-        (counted) when anything goes wrong. The pull may take until the round's collection deadline
-        (a 0.5 GB Δ needs ~40 s at 100 Mbit/s, more from a busy peer)."""
+    def _relay_parent(self, rnd: int, author: str) -> str | None:
+        """Our parent in the relay tree of ``author``'s round-``rnd`` blob (``fanin.relay_source``),
+        or None: pull from the author (every member contributes, or we are near the root)."""
+        chosen = self._selection.get(rnd)
+        if chosen is None:
+            return None
+        seed = seed_of(self.config.swarm, self.cohort, "relay", rnd, author)
+        parent = relay_source(seed, author, self.me, chosen[0], self.config.relay_branching)
+        return None if parent == author else parent
+
+    async def _pull(self, m: Any, providers: list[str], timeout: float) -> bytes:  # noqa: ASYNC109
+        blob_dir = self.blob_dir
+        if blob_dir is None:
+            return await self.host.fetch(m.content_hash, providers, max_size=int(m.size), timeout=timeout)
+        # a 0.5 GB Δ goes to disk as it arrives and is merged from a mapping of the file
+        path = blob_dir / f"in-{m.content_hash[:32]}.part"
+        try:
+            await self.host.fetch_file(m.content_hash, providers, path, max_size=int(m.size), timeout=timeout)
+            return mapped_blob(path)
+        finally:
+            path.unlink(missing_ok=True)
+
+    async def _pull_relayed(self, m: Any, parent: str, budget: float) -> bytes | None:
+        """The blob from our relay parent, or None (counted) when it failed, was too slow, or kept
+        refusing: the author serves it then."""
+        end = self.clock() + max(1.0, budget)
+        refusals_end = self.clock() + RELAY_REFUSALS_S
+        while True:
+            started = self.clock()
+            try:
+                return await self._pull(m, [parent], max(1.0, end - started))
+            except Exception as exc:
+                quick = self.clock() - started < RELAY_RETRY_S
+                if quick and self.clock() + RELAY_RETRY_S < min(end, refusals_end):
+                    await asyncio.sleep(RELAY_RETRY_S)  # it has not seen the manifest yet: ask again
+                    continue
+                self.relay_fallbacks += 1
+                log.info("relayed pull of %s's Δ from %s failed: %s", m.author[:16], parent[:16], exc)
+                return None
+
+    async def _fetch_one(self, m: Any, deadline: Callable[[], float], rnd: int) -> Contribution | None:
+        """(Δ blob, weight, norm) from the manifest's author (or our parent in its relay tree),
+        validated against our model, or None (counted) when anything goes wrong. The pull may take
+        until the round's collection deadline (a 0.5 GB Δ needs ~40 s at 100 Mbit/s, more from a
+        busy peer). A relayed blob is served on to our own relay children as soon as it is here
+        (they ask at once; the blob server holds them until then)."""
         limit = self.max_blob_bytes
+        parent = self._relay_parent(rnd, str(m.author))
+        relayed = False
         try:
             if int(m.size) > limit:
                 raise ValueError(f"announces {m.size} bytes, over this model's cap of {limit}")
             timeout = max(1.0, deadline() - self.clock())
-            blob_dir = self.blob_dir
-            data: bytes
-            if blob_dir is None:
-                data = await self.host.fetch(
-                    m.content_hash, [m.author], max_size=int(m.size), timeout=timeout
-                )
-            else:  # a 0.5 GB Δ goes to disk as it arrives and is merged from a mapping of the file
-                path = blob_dir / f"in-{m.content_hash[:32]}.part"
-                try:
-                    await self.host.fetch_file(
-                        m.content_hash, [m.author], path, max_size=int(m.size), timeout=timeout
-                    )
-                    data = mapped_blob(path)
-                finally:
-                    path.unlink(missing_ok=True)
+            if self._selection.get(rnd) is not None:
+                self.host.expect_blob(m.content_hash, timeout)
+                relayed = True
+            data: bytes | None = None
+            if parent is not None:
+                self.relay_pulls += 1
+                data = await self._pull_relayed(m, parent, RELAY_SHARE * timeout)
+            if data is None:
+                data = await self._pull(m, [m.author], max(1.0, deadline() - self.clock()))
             self.traffic.bytes_received += len(data)
             norm = await asyncio.to_thread(check_delta, data, limit, self.shapes)
         except Exception as exc:  # any failure leaves this peer out of the round
+            if relayed:
+                self.host.unexpect_blob(m.content_hash)
             self.traffic.dropped += 1
             self._pull_problems.append(f"pull from {m.author[:16]} failed: {exc}"[:200])
             log.info("pseudo-gradient fetch from %s failed: %s", m.author, exc)
             return None
+        if relayed:
+            blob = data
+            self.host.provide_view(m.content_hash, len(blob), lambda lo, hi: blob[lo:hi])
+            self.host.unexpect_blob(m.content_hash)
+            self._relayed.append(m.content_hash)
         return Contribution(data, float(m.weight), norm)
 
     async def _apply(self, pending: _Pending) -> None:
@@ -528,19 +634,34 @@ class DiLoCoExchange(BaseExchange):
         contributions: dict[str, Contribution] = dict(fetched)
         if pending.own is not None:
             contributions[self.me] = pending.own
-        if not contributions:  # observed a round nobody's contribution reached us for
-            return
+        takes_part = pending.own is not None or pending.sat_out  # a member, not a joiner observing
+        # Blobs we relayed in the round before stop being served (our children pulled them by now).
+        for digest in (
+            set(self._relayed_before) - set(self._relayed) - {self._served_blob, pending.content_hash}
+        ):
+            self.host.remove_blob(digest)
+        self._relayed_before, self._relayed = self._relayed, []
         observers = getattr(self.members, "observed", lambda p, r: False)
-        expected = {p for p in self._expected() if not observers(p, pending.round)}
+        expected = {p for p in self._expected(pending.round) if not observers(p, pending.round)}
+        if not contributions:
+            if pending.sat_out:  # not chosen, and no chosen contribution reached us: nothing moves
+                self.incomplete_rounds += 1
+                self.failed_rounds_in_row += 1
+                self.last_round_problem = (
+                    f"round {pending.round}: none of its {len(expected)} chosen contributors' Δ arrived: "
+                    + ("; ".join(self._pull_problems[:2]) or "not published or not pulled in time")
+                )[:400]
+                self.round = pending.round
+            return  # observed a round nobody's contribution reached us for
         box = self._inboxes.get(pending.round)
         published = set(box.manifests) if box is not None else set()
         for p in expected - published - {self.me}:
             self._no_shows[p] = self._no_shows.pop(p, 0) + 1
             while len(self._no_shows) > REFUSED_MEMORY:
                 self._no_shows.popitem(last=False)
-        expected |= {self.me} | set(contributions)
+        expected |= ({self.me} if pending.own is not None else set()) | set(contributions)
         missed = sorted(expected - set(contributions) - {self.me})
-        if pending.own is None and missed:
+        if not takes_part and missed:
             # An observer (it loaded its state while this round was in flight) that did not get every
             # contribution would land on an anchor nobody else holds: it merges nothing and catches
             # up to the cohort's state after this round instead (one round behind is enough).
@@ -554,7 +675,7 @@ class DiLoCoExchange(BaseExchange):
             for old in [r for r in self._inboxes if r <= pending.round]:
                 del self._inboxes[old]
             return
-        if pending.own is not None and len(contributions) < len(expected):
+        if takes_part and len(contributions) < len(expected):
             self.incomplete_rounds += 1
             self.failed_rounds_in_row += 1
             missing = sorted(expected - set(contributions))
@@ -567,9 +688,9 @@ class DiLoCoExchange(BaseExchange):
                 f"{', '.join(m[:12] for m in missing[:3])}: {why}"
             )[:400]
             log.warning("%s", self.last_round_problem)
-        elif pending.own is not None:
+        elif takes_part:
             self.failed_rounds_in_row = 0
-        if pending.own is not None and pending.collected_at:
+        if takes_part and pending.collected_at:
             self.collect_s = pending.collected_at - pending.started
         # Sorted by author so every node sums in the same order and lands on the same anchor bits.
         authors = sorted(contributions)
@@ -587,7 +708,7 @@ class DiLoCoExchange(BaseExchange):
         await self._refresh()
         # Serve our blob until the next round: slower peers may still be fetching it.
         if pending.content_hash:
-            if self._served_blob:
+            if self._served_blob and self._served_blob != pending.content_hash:  # (an unchanged Δ)
                 self.host.remove_blob(self._served_blob)
             self._served_blob = pending.content_hash
         for old in [r for r in self._inboxes if r <= pending.round]:
@@ -922,6 +1043,7 @@ class DiLoCoExchange(BaseExchange):
             # round r+1 from it: merge that round with them (our Δ would be empty) so we land on the
             # anchor they land on, then take part from the round after.
             nxt = self.round + 1
+            self._chosen(nxt, member=False)
             task = self._tg.create_task(self._collect(nxt, self._window_from_now(nxt)))
             self._pending = _Pending(nxt, task)
         log.info(
@@ -989,6 +1111,12 @@ class DiLoCoExchange(BaseExchange):
             "diloco_outliers": self.outliers,
             "diloco_not_waited_for": sum(1 for v in self._no_shows.values() if v >= NO_SHOW_ROUNDS),
             "diloco_skipped_observed": self.skipped_observed,
+            # merge_fanin: rounds this node was not chosen to contribute in, whether it was in the
+            # last one, and its pulls through a relay parent (and those the author had to serve)
+            "diloco_sat_out": self.sat_out,
+            "diloco_chosen_last": self.chosen_last,
+            "diloco_relay_pulls": self.relay_pulls,
+            "diloco_relay_fallbacks": self.relay_fallbacks,
             "diloco_delta_bytes": self.delta_bytes,
             "diloco_blob_cap": self.max_blob_bytes,
             "catchup_failures": self.catchup_failures,

@@ -287,6 +287,14 @@ class Host:
     def remove_blob(self, content_hash: str) -> None:
         self._blobs.remove(content_hash)
 
+    def expect_blob(self, content_hash: str, timeout: float) -> None:
+        """We are pulling ``content_hash`` for up to ``timeout`` s: a peer asking us for it waits for
+        it (a relay tree's child asks its parent at once; see ``BlobStore``)."""
+        self._blobs.expect(content_hash, time.monotonic() + timeout)
+
+    def unexpect_blob(self, content_hash: str) -> None:
+        self._blobs.unexpect(content_hash)
+
     async def fetch(
         self,
         content_hash: str,

@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import logging
 import struct
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +33,10 @@ MAX_HEADER_BYTES = 4096
 BLOB_CHUNK = 4 << 20
 # Bounds the request loop of one blob stream (a 1 GiB blob is 256 chunks).
 MAX_REQUESTS_PER_STREAM = 1 << 16
+# How long a blob request waits for a blob we are still pulling ourselves at most (``BlobStore``).
+MAX_HOLD_S = 600.0
+HOLD_POLL_S = 0.05
+MAX_EXPECTED = 4096
 READ_CHUNK = 1 << 16
 _LEN = struct.Struct(">I")
 
@@ -87,6 +92,7 @@ class BlobStats:
     fetched_bytes: int = 0
     fetch_failures: int = 0
     provider_failures: int = 0
+    held_requests: int = 0  # requests for a blob we were still pulling, answered once it was here
 
     def as_dict(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.__slots__}  # type: ignore[attr-defined]
@@ -106,11 +112,41 @@ class BlobView:
 
 
 class BlobStore:
-    """Blobs this node serves, keyed by sha256 hex. Plain dict: `bytes` are immutable and shared."""
+    """Blobs this node serves, keyed by sha256 hex. Plain dict: `bytes` are immutable and shared.
+
+    A request for a blob we are still pulling ourselves (``expect``) is held until the blob is here
+    (at most until the pull's deadline, ``MAX_HOLD_S``): what lets a relay tree (``exchange.fanin``)
+    ask its parent at once instead of polling. A blob we neither hold nor pull is refused at once."""
 
     def __init__(self, stats: BlobStats) -> None:
         self._blobs: dict[str, bytes | BlobView] = {}
+        self._expected: dict[str, float] = {}  # digest -> when our own pull of it gives up (monotonic)
         self.stats = stats
+
+    def expect(self, digest: str, until: float) -> None:
+        """We are pulling ``digest`` until ``until`` (``time.monotonic``): hold requests for it."""
+        self._expected[digest] = until
+        while len(self._expected) > MAX_EXPECTED:
+            self._expected.pop(next(iter(self._expected)))
+
+    def unexpect(self, digest: str) -> None:
+        self._expected.pop(digest, None)
+
+    async def _lookup(self, digest: str) -> bytes | BlobView | None:
+        data = self._blobs.get(digest)
+        if data is not None:
+            return data
+        t0 = time.monotonic()
+        while True:
+            now = time.monotonic()
+            until = min(self._expected.get(digest, 0.0), t0 + MAX_HOLD_S)
+            if now >= until:
+                return None
+            await trio.sleep(min(HOLD_POLL_S, until - now))
+            data = self._blobs.get(digest)
+            if data is not None:
+                self.stats.held_requests += 1
+                return data
 
     def provide(self, data: bytes) -> str:
         digest = hashlib.sha256(data).hexdigest()
@@ -138,7 +174,8 @@ class BlobStore:
                 if raw is None:
                     return
                 req = codec.decode(raw, BlobRequest)
-                await write_frame(stream, codec.encode(self._answer(req)))
+                data = await self._lookup(req.content_hash) if req.offset == 0 else None
+                await write_frame(stream, codec.encode(self._answer(req, data)))
         except Exception as exc:  # a bad peer must never take the handler down
             self.stats.serve_errors += 1
             log.info("blob request failed: %s", exc)
@@ -146,8 +183,8 @@ class BlobStore:
         finally:
             await _close(stream)
 
-    def _answer(self, req: BlobRequest) -> BlobResponse:
-        data = self._blobs.get(req.content_hash)
+    def _answer(self, req: BlobRequest, data: bytes | BlobView | None = None) -> BlobResponse:
+        data = self._blobs.get(req.content_hash) if data is None else data
         if data is None or req.offset > len(data):
             error = "unknown blob" if data is None else "offset past the end of the blob"
             return BlobResponse(
